@@ -1,0 +1,143 @@
+"""The MLLM backbone: a Qwen2-VL / Qwen2.5-VL checkpoint with LoRA on its language model.
+
+Tiny and real checkpoints load through the same `from_pretrained` path; ``tiny://qwen2vl`` and
+``tiny://qwen25vl`` name the locally made tiny checkpoints (see `backbone.tiny`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .processor import MultimodalProcessor
+from .sequence import Packed
+from .tiny import resolve_tiny
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+LLM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(LLM_LINEAR))
+
+
+def resolve_path(path: str) -> str:
+    if path.startswith("tiny://"):
+        return resolve_tiny(path[len("tiny://"):])
+    return path
+
+
+def lora_target_regex(targets: list[str]) -> str:
+    """A PEFT regex that hits the given linear layers of the *language model only*.
+
+    A plain list of names would also hit the Qwen2.5-VL vision MLP (same names).
+    """
+    bad = [t for t in targets if not t.isidentifier()]
+    if bad:
+        raise ValueError(f"backbone.lora.targets: {bad} are not module names")
+    return r".*language_model.*\.(" + "|".join(targets) + r")$"
+
+
+class Backbone(nn.Module):
+    """Wraps the HF model; exposes the pieces ReMatch packs its own sequences with."""
+
+    def __init__(self, model: nn.Module, processor: MultimodalProcessor, name: str = ""):
+        super().__init__()
+        self.model = model  # PeftModel or the bare HF model
+        self.processor = processor
+        self.name = name
+        hf = self.hf
+        self.image_token_id = int(hf.config.image_token_id)
+        self.merge = int(hf.config.vision_config.spatial_merge_size)
+        self.hidden_size = int(hf.config.text_config.hidden_size)
+
+    @property
+    def hf(self) -> nn.Module:
+        """The *ForConditionalGeneration module (under PEFT's wrappers when LoRA is on)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.hf.model.language_model.embed_tokens
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.hf.lm_head
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Vision tower + merger: one [n_tokens_i, d] tensor per image."""
+        if grid_thw is None or grid_thw.numel() == 0:
+            return []
+        out = self.hf.model.get_image_features(pixel_values, grid_thw, return_dict=True)
+        return list(out.pooler_output)
+
+    def forward(self, packed: Packed, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states [B, L, d] of packed inputs.
+
+        `attention_mask` is either [B, L] (1 = token, causal mask built by HF) or an additive
+        float mask [B, 1, L, L] (0 = attend, -inf = blocked) used as it is. Positions are
+        always the explicit 3-D M-RoPE ids of `packed` (never HF's 1-D fallback).
+        """
+        out = self.hf.model.language_model(
+            inputs_embeds=packed.inputs_embeds,
+            position_ids=packed.position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+
+def load_backbone(
+    path: str,
+    dtype: str = "fp32",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    lora: dict | LoraSettings | None = None,
+    revision: str | None = None,
+) -> Backbone:
+    """Load model and processor by hub id or local folder, with LoRA restricted to the LLM."""
+    from transformers import AutoModelForImageTextToText
+
+    if dtype not in DTYPES:
+        raise ValueError(f"backbone.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"backbone.attn_implementation={attn_implementation!r}: expected sdpa, eager or "
+                         "flash_attention_2 (the packed matching pass needs a custom 4-D mask: sdpa or eager)")
+    local = resolve_path(path)
+    extra = {"revision": revision} if revision else {}
+    model = AutoModelForImageTextToText.from_pretrained(
+        local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False, **extra
+    )
+    if getattr(model.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"backbone.path={path!r} is a {model.config.model_type!r} model; "
+                         "rematch_pl supports qwen2_vl and qwen2_5_vl")
+    processor = MultimodalProcessor.from_pretrained(local, min_pixels=min_pixels, max_pixels=max_pixels, **extra)
+    model.config.use_cache = False
+    lora = LoraSettings(**lora) if isinstance(lora, dict) else (lora or LoraSettings(enabled=False))
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=lora_target_regex(list(lora.targets)), bias="none")
+        model = get_peft_model(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Backbone(model, processor, name=path)

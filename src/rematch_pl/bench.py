@@ -1,0 +1,205 @@
+"""`python -m rematch_pl.bench --suite matching --out FILE.json`: figures, not tests.
+
+Measures on random-weight backbones (the tiny ones on CPU; ``--shape 2b|7b`` builds
+Qwen2-VL-2B/7B-shaped models from config on a GPU, no download):
+
+(a) one packed multi-view matching pass against the isolated passes it replaces (same logits);
+(b) a full ReMatch training step (K=16, 8 views, chat template) against the contrastive
+    baseline ([EOS], no matching) on the same batch;
+(c) encoding with K=16 learnable tokens against last-token pooling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .backbone.model import Backbone, load_backbone
+from .model import ReMatchModel
+
+SHAPES = {
+    # Qwen2-VL-2B / 7B text and vision dimensions (public configs), random weights.
+    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2), vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4)),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4), vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4)),
+}
+
+
+def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32) -> Backbone:
+    """A tiny backbone, or a real-size one built from config with the tiny tokenizer."""
+    if shape == "tiny":
+        bb = load_backbone("tiny://qwen2vl", dtype=dtype, lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0})
+        return bb.to(device)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+
+    from .backbone.model import DTYPES, LLM_LINEAR, lora_target_regex
+    from .backbone.processor import MultimodalProcessor
+    from .backbone.tiny import resolve_tiny
+
+    tiny = resolve_tiny("qwen2vl")
+    proc = MultimodalProcessor.from_pretrained(tiny, min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
+    base = Qwen2VLConfig.from_pretrained(tiny)
+    s = SHAPES[shape]
+    head_dim = s["text"]["hidden_size"] // s["text"]["num_attention_heads"]
+    sec = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+    text = dict(base.text_config.to_dict(), **s["text"], vocab_size=151936,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sec})
+    vision = dict(base.vision_config.to_dict(), **s["vision"], hidden_size=s["text"]["hidden_size"])
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=base.image_token_id,
+                        video_token_id=base.video_token_id, vision_start_token_id=base.vision_start_token_id,
+                        vision_end_token_id=base.vision_end_token_id)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                             target_modules=lora_target_regex(LLM_LINEAR)))
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Backbone(model, proc, name=f"qwen2vl_{shape}_random")
+
+
+def make_batch(processor, B: int, image_size: int, device, seed: int = 0) -> dict:
+    """B (query, positive, negative) triples, MMEB-like: image+instruction queries, text or image docs."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    imgs = [Image.fromarray((torch.rand(image_size, image_size, 3, generator=g) * 255).byte().numpy())
+            for _ in range(2 * B)]
+    ib = processor.process_images(imgs)
+
+    def side(texts, image_idx):
+        ids = [processor.encode_content(t, None if i < 0 else processor.num_image_tokens(ib.grid_thw[i]))
+               for t, i in zip(texts, image_idx)]
+        L = max(map(len, ids))
+        out = torch.full((len(ids), L), processor.pad_id)
+        for j, x in enumerate(ids):
+            out[j, : len(x)] = torch.tensor(x)
+        return {"ids": out.to(device), "lengths": torch.tensor([len(x) for x in ids], device=device),
+                "image": torch.tensor(image_idx, device=device)}
+
+    q = side(["<|image_1|>\nRepresent the given image with the following question: how many red circles are there?"] * B,
+             list(range(B)))
+    pos = side(["<|image_1|>\nRepresent the given image." if i % 2 else "two red circles and a blue square"
+                for i in range(B)], [B + i if i % 2 else -1 for i in range(B)])
+    neg = side(["three blue circles and a red square"] * B, [-1] * B)
+    return {"qry": q, "pos": pos, "neg": neg, "pixel_values": ib.pixel_values.to(device),
+            "image_grid_thw": ib.grid_thw.to(device)}
+
+
+def timeit(fn, device, warmup: int = 2, iters: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, device, dtype)
+    full = ReMatchModel(bb, k=16, matching="all", template="chat").to(device)
+    base = ReMatchModel(bb, k=0, matching="none", template="plain").to(device)
+    batch = make_batch(bb.processor, B, image_size, device)
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "dtype": dtype, "batch": B, "image_size": image_size}
+
+    # (a) packed vs isolated matching pass
+    full.eval()
+    with torch.no_grad():
+        feats = bb.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        q, p, n = (full.contents(batch[s]) for s in ("qry", "pos", "neg"))
+        (eq, qs), (ep, ps), (en, ns) = full.embed([("qry", q), ("doc", p), ("doc", n)], feats, batch["image_grid_thw"])
+        mi = full.matching_inputs(q, p, n, eq, ep, en, qs, ps, ns)[:-1]
+        grids = batch["image_grid_thw"]
+        packed = full.matching_logits(*mi, feats, grids)
+        iso = torch.cat([full.matching_logits(*mi, feats, grids, isolate=v) for v in range(8)], dim=1)
+        res["a_max_abs_diff"] = float((packed.float() - iso.float()).abs().max())
+        t_packed = timeit(lambda: full.matching_logits(*mi, feats, grids), device, iters=iters)
+        t_iso = timeit(lambda: [full.matching_logits(*mi, feats, grids, isolate=v) for v in range(8)], device,
+                       iters=iters)
+    res.update(a_packed_s=t_packed, a_isolated_s=t_iso, a_speedup=t_iso / t_packed)
+
+    # (b) training step: full ReMatch vs contrastive baseline
+    def step(model):
+        def run():
+            out = model(batch)
+            out["loss"].backward()
+            for prm in model.parameters():
+                prm.grad = None
+        return run
+
+    full.train(), base.train()
+    t_full = timeit(step(full), device, iters=iters)
+    t_base = timeit(step(base), device, iters=iters)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step(full)()
+        res["b_full_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    res.update(b_full_step_s=t_full, b_baseline_step_s=t_base, b_ratio=t_full / t_base)
+    ff = ReMatchModel(bb, k=16, matching="feat_feat", template="chat").to(device).train()
+    t_ff = timeit(step(ff), device, iters=iters)
+    full_nomatch = ReMatchModel(bb, k=16, matching="none", template="chat").to(device).train()
+    t_nm = timeit(step(full_nomatch), device, iters=iters)
+    res.update(b_feat_feat_step_s=t_ff, b_k16_no_matching_step_s=t_nm, b_feat_feat_ratio=t_ff / t_nm,
+               b_all_views_over_k16_ratio=t_full / t_nm)
+
+    # (c) encoding: K=16 vs last token
+    full.eval(), base.eval()
+    with torch.no_grad():
+        t_k16 = timeit(lambda: full.encode(batch["qry"], batch["pixel_values"], grids), device, iters=iters)
+        t_eos = timeit(lambda: base.encode(batch["qry"], batch["pixel_values"], grids), device, iters=iters)
+    res.update(c_k16_encode_s=t_k16, c_eos_encode_s=t_eos, c_ratio=t_k16 / t_eos)
+    return res
+
+
+def print_table(res: dict) -> None:
+    rows = [
+        ("(a) packed 8-view matching pass", f"{res['a_packed_s'] * 1e3:.1f} ms"),
+        ("(a) 8 isolated passes", f"{res['a_isolated_s'] * 1e3:.1f} ms"),
+        ("(a) speed-up (goal >= 2x)", f"{res['a_speedup']:.2f}x  (max |logit diff| {res['a_max_abs_diff']:.1e})"),
+        ("(b) full ReMatch step (K=16, 8 views)", f"{res['b_full_step_s'] * 1e3:.1f} ms"),
+        ("(b) contrastive baseline step", f"{res['b_baseline_step_s'] * 1e3:.1f} ms"),
+        ("(b) ratio full / baseline", f"{res['b_ratio']:.2f}x"),
+        ("(b) ratio feat_feat / no matching (K=16)", f"{res['b_feat_feat_ratio']:.2f}x"),
+        ("(c) encode K=16 / last token", f"{res['c_ratio']:.2f}x"),
+    ]
+    print(f"\nbench matching: shape={res['shape']} device={res['device']} dtype={res['dtype']} batch={res['batch']}")
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["matching"], default="matching")
+    ap.add_argument("--shape", choices=["tiny", "2b", "7b"], default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="fp32 (CPU default) or bf16 (GPU default)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
+    image_size = a.image_size or (112 if a.shape == "tiny" else 448)
+    res = suite_matching(a.shape, a.device, dtype, a.batch, image_size, a.iters)
+    print_table(res)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=2))
+        print(f"written {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

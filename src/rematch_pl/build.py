@@ -1,0 +1,113 @@
+"""Builders from a composed config: backbone, model, datamodule, logger, trainer.
+
+Kept apart from the entry point so that tests, notebooks and benchmarks build exactly what
+`python -m rematch_pl.train` builds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .backbone.model import Backbone, load_backbone
+from .model import ReMatchModel
+from .module import ReMatchModule
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+if not CONF_DIR.exists():  # source checkout: conf/ at the top level
+    CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def build_backbone(b: DictConfig) -> Backbone:
+    return load_backbone(
+        path=b.path, dtype=b.dtype, attn_implementation=b.attn_implementation,
+        gradient_checkpointing=b.gradient_checkpointing, min_pixels=b.min_pixels, max_pixels=b.max_pixels,
+        lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"),
+    )
+
+
+def build_model(cfg: DictConfig, backbone: Backbone) -> ReMatchModel:
+    return ReMatchModel(
+        backbone, k=cfg.fusion.k, token_sets=cfg.fusion.sets, matching=cfg.matching.views,
+        matching_feature=cfg.matching.feature, projector_ratio=cfg.matching.projector_ratio,
+        template=cfg.embedding.template, temperature=cfg.loss.temperature, w_orth=cfg.loss.w_orth,
+        w_qdm=cfg.loss.w_qdm, orthogonality=cfg.fusion.orthogonality,
+    )
+
+
+def build_module(cfg: DictConfig, model: ReMatchModel) -> ReMatchModule:
+    o = cfg.optimizer
+    return ReMatchModule(model, lr=o.lr * o.get("lr_scale", 1.0), weight_decay=o.weight_decay, betas=tuple(o.betas),
+                         warmup_steps=o.warmup_steps, scheduler=o.scheduler, max_steps=cfg.trainer.max_steps,
+                         min_lr_ratio=o.min_lr_ratio)
+
+
+def build_datamodule(cfg: DictConfig, processor):
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.set_processor(processor)
+    return dm
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> online when an API key (or WANDB_MODE) is set, else offline (no network needed)."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None = None):
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = wandb_mode(cfg.logger.mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        project=cfg.logger.project, entity=cfg.logger.entity, name=run_name, save_dir=str(run_dir),
+        group=cfg.logger.group or group, tags=list(cfg.logger.tags), mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),  # nested, not flattened
+    )
+
+
+def build_strategy(cfg: DictConfig):
+    s = cfg.strategy
+    if s.name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=s.get("find_unused_parameters", False))
+    if s.name in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        raise NotImplementedError(f"strategy={s.name} is not available yet: use strategy=ddp")
+    return s.name
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
+                           save_last=True, save_top_k=-1 if False else 1, monitor=None)
+    return L.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        precision=t.precision, gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar, logger=logger, callbacks=[ckpt, *callbacks],
+        strategy=build_strategy(cfg), default_root_dir=str(run_dir), num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )

@@ -1,0 +1,52 @@
+"""Saving and restoring what training changes: LoRA adapter + ReMatch's own modules (safetensors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Names and values of every trainable parameter (LoRA, learnable tokens, projector, markers)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def save_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write the PEFT adapter (`adapter/`), ReMatch modules (`rematch_modules.safetensors`) and `meta.json`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model = model.backbone.model
+    if hasattr(peft_model, "save_pretrained") and hasattr(peft_model, "peft_config"):
+        peft_model.save_pretrained(out / "adapter", safe_serialization=True)
+    extra = {k: v for k, v in trainable_state_dict(model).items() if not k.startswith("backbone.")}
+    save_file(extra, str(out / "rematch_modules.safetensors"))
+    full = {k: v for k, v in trainable_state_dict(model).items() if k.startswith("backbone.") and "lora_" not in k}
+    if full:  # full fine-tuning without LoRA
+        save_file(full, str(out / "backbone_trainable.safetensors"))
+    (out / "meta.json").write_text(json.dumps(meta or {}, indent=2, default=str))
+    return out
+
+
+def load_trainable(model: torch.nn.Module, in_dir: str | Path) -> None:
+    """Restore what `save_trainable` wrote into a model built with the same configuration."""
+    src = Path(in_dir)
+    state = {}
+    if (src / "adapter").exists():
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        adapter = load_peft_weights(str(src / "adapter"), device="cpu")
+        res = set_peft_model_state_dict(model.backbone.model, adapter)
+        if getattr(res, "unexpected_keys", None):
+            raise ValueError(f"adapter in {src} does not fit this backbone: {res.unexpected_keys[:5]}")
+    for name in ("rematch_modules.safetensors", "backbone_trainable.safetensors"):
+        if (src / name).exists():
+            state.update(load_file(str(src / name)))
+    missing = [k for k in state if k not in model.state_dict()]
+    if missing:
+        raise ValueError(f"{src}: weights {missing[:5]} do not exist in this model (different fusion/matching config?)")
+    model.load_state_dict(state, strict=False)

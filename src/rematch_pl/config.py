@@ -1,0 +1,61 @@
+"""Start-up validation of the composed config: every bad value fails before any model is built."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from .backbone.model import DTYPES
+from .matching import VIEW_SETS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(cond: bool, key: str, value, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values that Hydra's composition cannot (types, ranges, enumerations)."""
+    try:
+        missing = {m for m in OmegaConf.missing_keys(cfg) if not m.startswith("hydra")}
+    except Exception as e:  # an interpolation to a missing value
+        raise ConfigError(f"missing mandatory value (set it on the command line): {e}") from None
+    if missing:
+        raise ConfigError(f"missing mandatory values (set them on the command line): {sorted(missing)}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # an interpolation that cannot be resolved
+        raise ConfigError(f"config does not resolve: {e}") from None
+    b, f, m, lo, o, t, d = cfg.backbone, cfg.fusion, cfg.matching, cfg.loss, cfg.optimizer, cfg.trainer, cfg.data
+    _check(b.dtype in DTYPES, "backbone.dtype", b.dtype, f"one of {sorted(DTYPES)}")
+    _check(b.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "backbone.attn_implementation",
+           b.attn_implementation, "sdpa | eager | flash_attention_2")
+    _check(b.min_pixels is None or b.max_pixels is None or b.min_pixels <= b.max_pixels, "backbone.min_pixels",
+           b.min_pixels, f"<= backbone.max_pixels ({b.max_pixels})")
+    _check(int(b.lora.r) > 0, "backbone.lora.r", b.lora.r, "a positive integer")
+    _check(isinstance(f.k, int) and 0 <= f.k <= 64, "fusion.k", f.k, "an integer in 0..64 (0 = last-token pooling)")
+    _check(f.sets in ("separate", "shared", "both"), "fusion.sets", f.sets, "separate | shared | both")
+    _check(m.views in VIEW_SETS, "matching.views", m.views, f"one of {sorted(VIEW_SETS)}")
+    _check(m.feature in ("fused", "tokens"), "matching.feature", m.feature, "fused | tokens")
+    _check(not (m.feature == "tokens" and f.k == 0), "matching.feature", m.feature,
+           "'fused' when fusion.k=0 (there are no token states to project)")
+    _check(cfg.embedding.template in ("plain", "chat"), "embedding.template", cfg.embedding.template, "plain | chat")
+    _check(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
+    _check(lo.w_orth >= 0, "loss.w_orth", lo.w_orth, ">= 0")
+    _check(lo.w_qdm >= 0, "loss.w_qdm", lo.w_qdm, ">= 0")
+    _check(o.lr > 0, "optimizer.lr", o.lr, "> 0")
+    _check(o.lr_scale > 0, "optimizer.lr_scale", o.lr_scale, "> 0")
+    _check(o.scheduler in ("cosine", "linear", "constant"), "optimizer.scheduler", o.scheduler, "cosine | linear | constant")
+    _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
+    _check(d.batch_size >= 2, "data.batch_size", d.batch_size, ">= 2 (in-batch negatives need at least 2)")
+    _check(d.num_hardneg >= 0, "data.num_hardneg", d.num_hardneg, ">= 0")
+    _check(d.on_bad_row in ("raise", "skip"), "data.on_bad_row", d.on_bad_row, "raise | skip")
+    _check(cfg.strategy.name in ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+           "strategy.name", cfg.strategy.name, "auto | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3")
+    _check(cfg.logger.name in ("wandb", "csv", "tensorboard", "none"), "logger.name", cfg.logger.name,
+           "wandb | csv | tensorboard | none")
+    _check(cfg.resume in (None, "auto") or str(cfg.resume).endswith(".ckpt"), "resume", cfg.resume,
+           "null, auto or a path to a .ckpt file")

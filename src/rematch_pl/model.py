@@ -1,0 +1,203 @@
+"""ReMatch as one nn.Module: embedding passes, fusion, contrastive + orthogonality + matching losses.
+
+Everything a training step computes runs inside `ReMatchModel.forward`, so sharded strategies
+(FSDP) see a single root module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backbone.model import Backbone
+from .backbone.sequence import Ids, Segment, Vecs, build_inputs
+from .fusion import MultiTokenFusion
+from .losses import gathered_contrastive_loss, matching_loss, orthogonality_loss
+from .matching import MatchingHead, unified_mask
+
+TEMPLATES = ("plain", "chat")
+SYSTEM = "You are a helpful assistant."
+
+
+class ReMatchModel(nn.Module):
+    def __init__(
+        self,
+        backbone: Backbone,
+        k: int = 16,
+        token_sets: str = "separate",
+        matching: str = "all",
+        matching_feature: str = "fused",
+        projector_ratio: float = 1.0,
+        template: str = "plain",
+        temperature: float = 0.02,
+        w_orth: float = 0.5,
+        w_qdm: float = 0.1,
+        orthogonality: bool = True,
+    ):
+        super().__init__()
+        if template not in TEMPLATES:
+            raise ValueError(f"embedding.template={template!r}: expected one of {TEMPLATES}")
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature={temperature}: must be > 0")
+        self.backbone = backbone
+        emb = backbone.embed_tokens.weight
+        self.fusion = MultiTokenFusion(k, backbone.hidden_size, token_sets, init_from=emb)
+        self.matching = None
+        if matching != "none":
+            marker_init = emb.detach().float().mean(0, keepdim=True).repeat(2, 1)
+            marker_init = marker_init + emb.detach().float().std() * torch.randn(2, emb.shape[1],
+                                                                                  generator=torch.Generator().manual_seed(1))
+            self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
+                                         projector_ratio, marker_init)
+        self.template = template
+        self.temperature = temperature
+        self.w_orth = w_orth if orthogonality else 0.0
+        self.w_qdm = w_qdm
+        proc = backbone.processor
+        chat = proc.tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\x00"}],
+            tokenize=False, add_generation_prompt=True)
+        pre, post = chat.split("\x00")
+        self.chat_prefix, self.chat_suffix = proc.tokenize(pre), proc.tokenize(post)
+
+    # ------------------------------------------------------------------ embedding passes
+    @staticmethod
+    def contents(side: dict) -> list[Ids]:
+        """Collated content batch {ids [N, L], lengths [N], image [N]} -> list of Ids parts."""
+        ids = side["ids"].tolist()
+        lengths = side["lengths"].tolist()
+        images = side["image"].tolist()
+        return [Ids(i[:n], None if im < 0 else im) for i, n, im in zip(ids, lengths, images)]
+
+    def embedding_row(self, content: Ids, side: str) -> list[Segment]:
+        parts = [content]
+        if self.template == "chat":  # MVQDM++: system turn, user turn, open assistant turn
+            parts = [Ids(self.chat_prefix), content, Ids(self.chat_suffix)]
+        if self.fusion.k == 0:
+            parts.append(Ids([self.backbone.processor.eos_id]))  # [EOS] whose state is the embedding
+        else:
+            parts.append(Vecs(self.fusion.appended(side)))
+        return [Segment(parts)]
+
+    def embed(self, groups: list[tuple[str, list[Ids]]], feats, grids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One backbone pass over several groups of contents (rows are independent).
+
+        groups: [(side, contents)] with side 'qry' | 'doc'. Returns per group (fused [N, d],
+        token states [N, K, d]).
+        """
+        rows, sides = [], []
+        for side, contents in groups:
+            rows += [self.embedding_row(c, side) for c in contents]
+            sides += [side] * len(contents)
+        bb = self.backbone
+        packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
+        attn = (packed.segment_ids >= 0).long()  # [N, L]
+        hidden = bb(packed, attn)  # [N, L, d]
+        out, i = [], 0
+        for side, contents in groups:
+            n = len(contents)
+            h, lens = hidden[i:i + n], packed.lengths[i:i + n]
+            states = self.fusion.token_states(h, lens, side)  # [n, K, d]
+            out.append((self.fusion.fuse(states), states))
+            i += n
+        return out
+
+    def encode(self, items: dict, pixel_values: torch.Tensor, grid_thw: torch.Tensor, side: str = "qry") -> torch.Tensor:
+        """Fused embeddings [N, d] of a collated content batch (inference)."""
+        feats = self.backbone.encode_images(pixel_values, grid_thw)
+        return self.embed([(side, self.contents(items))], feats, grid_thw)[0][0]
+
+    # ------------------------------------------------------------------ matching pass
+    def matching_logits(self, q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids, isolate: int | None = None):
+        """Yes/No-position logits [B, V, vocab] of the packed (or one isolated) matching pass."""
+        head, bb = self.matching, self.backbone
+        rows = [head.instance_segments(q_raw[b], zq[b], {1: d1_raw[b], 2: d2_raw[b]}, {1: zd1[b], 2: zd2[b]},
+                                       bb.image_token_id, grids, bb.merge, isolate=isolate)
+                for b in range(len(q_raw))]
+        packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
+        views = head.views if isolate is None else [head.views[isolate]]
+        mask = unified_mask(packed.segment_ids if isolate is None else _retag(packed.segment_ids, isolate),
+                            views, packed.inputs_embeds.dtype)
+        hidden = bb(packed, mask)  # [B, L, d]
+        n_ans = len(views)
+        pos = head.answer_positions(packed.vector_index, n_ans).to(hidden.device)  # [B, V]
+        h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, V, d]
+        return bb.lm_head(h)  # [B, V, vocab]
+
+    def matching_inputs(self, q_raw, pos_raw, neg_raw, eq, ep, en, q_states, p_states, n_states):
+        """Slot assignment (positive in d1 or d2 at random) and projected features."""
+        head = self.matching
+        B = len(q_raw)
+        if neg_raw is None:  # no explicit hard negative: another instance's positive
+            perm = torch.roll(torch.arange(B), 1).tolist()
+            neg_raw = [pos_raw[i] for i in perm]
+            en, n_states = ep[perm], p_states[perm]
+        src = (q_states, p_states, n_states) if head.feature == "tokens" else (eq, ep, en)
+        if head.uses_features:
+            zq, zp, zn = (head.projector(x) for x in src)  # [B, d] or [B, K, d]
+        else:  # raw views only: features are never read
+            zq = zp = zn = eq.new_zeros(B, 1)
+        pos_first = torch.rand(B) < 0.5  # slot of d+ per instance
+        d1_raw = [pos_raw[b] if pos_first[b] else neg_raw[b] for b in range(B)]
+        d2_raw = [neg_raw[b] if pos_first[b] else pos_raw[b] for b in range(B)]
+        sel = pos_first.to(zp.device).view(-1, *([1] * (zp.dim() - 1)))
+        zd1 = torch.where(sel, zp, zn)
+        zd2 = torch.where(sel, zn, zp)
+        labels = torch.tensor([[head.yes_id if (v.slot == 1) == bool(pos_first[b]) else head.no_id
+                                for v in head.views] for b in range(B)])
+        return q_raw, d1_raw, d2_raw, zq, zd1, zd2, labels
+
+    # ------------------------------------------------------------------ training step
+    def forward(self, batch: dict, gather: Callable | None = None, rank: int = 0) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch of (query, positive, hard negatives) triples (Eq. 5)."""
+        grids = batch["image_grid_thw"]
+        feats = self.backbone.encode_images(batch["pixel_values"], grids)  # once per step, reused by matching
+        q_raw, p_raw = self.contents(batch["qry"]), self.contents(batch["pos"])
+        neg = batch.get("neg")
+        n_raw = self.contents(neg) if neg is not None else None
+        groups = [("qry", q_raw), ("doc", p_raw)] + ([("doc", n_raw)] if n_raw else [])
+        outs = self.embed(groups, feats, grids)
+        (eq, q_states), (ep, p_states) = outs[0], outs[1]
+        B = eq.shape[0]
+        en = n_states = None
+        if n_raw:
+            en, n_states = outs[2]
+            N = en.shape[0] // B
+            en_b = en.view(B, N, -1)  # [B, N, d]
+        loss_cl = gathered_contrastive_loss(eq, ep, en_b if n_raw else None, self.temperature, gather, rank)
+        terms = {"loss_cl": loss_cl}
+        if self.fusion.k > 1:
+            all_states = torch.cat([q_states, p_states] + ([n_states] if n_raw else []))  # [M, K, d]
+            terms["loss_orth"] = orthogonality_loss(all_states)
+        else:
+            terms["loss_orth"] = loss_cl.new_zeros(())
+        loss = loss_cl + self.w_orth * terms["loss_orth"]
+        if self.matching is not None:
+            first_neg = en_b[:, 0] if n_raw else None
+            first_neg_states = n_states.view(B, N, *n_states.shape[1:])[:, 0] if n_raw else None
+            first_neg_raw = [n_raw[b * N] for b in range(B)] if n_raw else None
+            mi = self.matching_inputs(q_raw, p_raw, first_neg_raw, eq, ep, first_neg, q_states, p_states,
+                                      first_neg_states)
+            labels = mi[-1].to(eq.device)
+            logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
+            terms["loss_qdm"] = matching_loss(logits, labels)
+            yes_no = logits[..., [self.matching.yes_id, self.matching.no_id]]  # [B, V, 2]
+            pred_yes = yes_no[..., 0] > yes_no[..., 1]
+            correct = (pred_yes == (labels == self.matching.yes_id)).float()  # [B, V]
+            for v, view in enumerate(self.matching.views):
+                terms[f"acc_{view.name}"] = correct[:, v].mean()
+            terms["acc_qdm"] = correct.mean()
+            loss = loss + self.w_qdm * terms["loss_qdm"]
+        terms["loss"] = loss
+        return terms
+
+
+def _retag(segment_ids: torch.Tensor, isolate: int) -> torch.Tensor:
+    """In an isolated pass the single answer has tag A_TAG0 + isolate; map it to A_TAG0."""
+    from .matching import A_TAG0
+
+    out = segment_ids.clone()
+    out[out == A_TAG0 + isolate] = A_TAG0
+    return out

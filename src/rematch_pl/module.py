@@ -1,0 +1,141 @@
+"""LightningModule: optimisation, logging of every loss term and throughput, validation Hit@1."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+import torch
+
+from .checkpoint import trainable_state_dict
+from .evaluation import evaluate_subset
+from .model import ReMatchModel
+
+log = logging.getLogger(__name__)
+
+
+class ReMatchModule(L.LightningModule):
+    def __init__(self, model: ReMatchModel, lr: float = 1e-4, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "cosine",
+                 max_steps: int = 1000, min_lr_ratio: float = 0.0):
+        super().__init__()
+        if scheduler not in ("cosine", "constant", "linear"):
+            raise ValueError(f"optimizer.scheduler={scheduler!r}: expected cosine, constant or linear")
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.scheduler_name, self.max_steps = warmup_steps, scheduler, max_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self._t_step = None
+        self._val_items: dict[str, list] = {}
+        self.last_val: dict[str, float] = {}
+        self.last_terms: dict[str, float] = {}
+        self.train_time_s = 0.0
+        self.train_samples = 0
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or "fusion" in name or "markers" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        warm, total, floor, kind = self.warmup_steps, max(self.max_steps, 1), self.min_lr_ratio, self.scheduler_name
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / max(warm, 1)
+            if kind == "constant":
+                return 1.0
+            progress = min((step - warm) / max(total - warm, 1), 1.0)
+            if kind == "linear":
+                return floor + (1 - floor) * (1 - progress)
+            return floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_gather(x, sync_grads=True)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t_step = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        distributed = self.trainer.world_size > 1
+        terms = self.model(batch, gather=self._gather if distributed else None, rank=self.global_rank)
+        B = batch["qry"]["ids"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "loss_cl", "loss_qdm"),
+                     batch_size=B, sync_dist=False)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        self._tokens = int(sum(batch[s]["lengths"].sum() for s in ("qry", "pos", "neg") if batch.get(s) is not None))
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._t_step is None:
+            return
+        dt = max(time.perf_counter() - self._t_step, 1e-9)
+        B = batch["qry"]["ids"].shape[0] * self.trainer.world_size
+        self.train_time_s += dt
+        self.train_samples += B
+        self.log("perf/samples_per_s", B / dt, batch_size=1)
+        self.log("perf/tokens_per_s", self._tokens * self.trainer.world_size / dt, batch_size=1)
+        self.log("perf/step_time_s", dt, batch_size=1)
+        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if opt is not None:
+            self.log("train/lr", opt.param_groups[0]["lr"], batch_size=1)
+        if torch.cuda.is_available():
+            self.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30, batch_size=1)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self):
+        self._val_items = {"index": [], "qry": [], "doc": []}
+
+    def validation_step(self, batch, batch_idx):
+        m = self.model
+        feats = m.backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        contents = m.contents(batch["items"])
+        sides = ["qry", "doc"] if m.fusion.k > 0 and m.fusion.sets != "shared" else ["qry"]
+        outs = m.embed([(s, contents) for s in sides], feats, batch["image_grid_thw"])
+        self._val_items["index"].append(batch["item_index"])
+        self._val_items["qry"].append(outs[0][0].float())
+        self._val_items["doc"].append(outs[-1][0].float())
+
+    def on_validation_epoch_end(self):
+        dm = self.trainer.datamodule
+        if not self._val_items["index"]:
+            return
+        idx = torch.cat(self._val_items["index"])
+        q = torch.cat(self._val_items["qry"])
+        d = torch.cat(self._val_items["doc"])
+        if self.trainer.world_size > 1:
+            idx = self.all_gather(idx).reshape(-1)
+            q = self.all_gather(q).reshape(-1, q.shape[-1])
+            d = self.all_gather(d).reshape(-1, d.shape[-1])
+        n_items = int(idx.max()) + 1
+        Q = q.new_zeros(n_items, q.shape[-1])
+        D = d.new_zeros(n_items, d.shape[-1])
+        Q[idx], D[idx] = q, d  # duplicates from padded shards carry identical values
+        results = {}
+        for subset, layout in dm.eval_layout.items():
+            qs = torch.as_tensor(layout["queries"], device=Q.device)
+            results[subset] = evaluate_subset(Q[qs], D, layout["candidates"])
+        metrics = {}
+        for subset, r in results.items():
+            for k, v in r.items():
+                metrics[f"val/{k}/{subset}"] = v
+        for k in ("hit@1", "hit@5", "mrr", "chance@1"):
+            metrics[f"val/{k}"] = sum(r[k] for r in results.values()) / len(results)
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        self.last_val = metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint):
+        # Only trainable weights (LoRA, learnable tokens, projector, markers): the base
+        # backbone is reloaded from backbone.path.
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model).items()}

@@ -1,0 +1,120 @@
+"""`python -m rematch_pl.train [overrides]`: train ReMatch (or any ablation of it) with Hydra configs.
+
+The run directory (``hydra.run.dir``) receives checkpoints, the adapter, logs and
+``summary.json``; the printed summary ends with validation Hit@1 against chance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .build import CONF_DIR, build_backbone, build_datamodule, build_logger, build_model, build_module, build_trainer
+from .checkpoint import save_trainable
+from .config import validate
+
+log = logging.getLogger("rematch_pl.train")
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(cfg.resume).exists():
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+    return str(cfg.resume)
+
+
+def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | None = None) -> dict:
+    """Train with a composed config; returns (and writes) the run summary."""
+    import lightning as L
+
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    backbone = build_backbone(cfg.backbone)
+    model = build_model(cfg, backbone)
+    module = build_module(cfg, model)
+    dm = build_datamodule(cfg, backbone.processor)
+    logger = build_logger(cfg, run_dir, run_name, group)
+    trainer = build_trainer(cfg, run_dir, logger)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, run_dir))
+        wall = time.perf_counter() - t0
+        summary = {
+            "run_name": run_name,
+            "run_dir": str(run_dir),
+            "steps": int(trainer.global_step),
+            "wall_time_s": round(wall, 2),
+            "train_time_s": round(module.train_time_s, 2),
+            "samples_per_s": round(module.train_samples / max(module.train_time_s, 1e-9), 2),
+            "peak_memory_gb": round(peak_memory_gb(), 3),
+            "val": {k: round(float(v), 4) for k, v in module.last_val.items()},
+            "last_loss": {k: round(float(v), 4) for k, v in module.last_terms.items()},
+            "bad_rows": getattr(dm, "bad_rows", {}),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        if trainer.is_global_zero:
+            if cfg.save_adapter:
+                save_trainable(model, run_dir / "adapter", meta={"config": summary["config"]})
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            print_summary(summary)
+        return summary
+    finally:
+        if cfg.logger.name == "wandb":
+            import wandb
+
+            wandb.finish()
+
+
+def print_summary(s: dict) -> None:
+    v = s["val"]
+    lines = [
+        "",
+        f"== rematch_pl summary: {s['run_name']} ({s['steps']} steps) ==",
+        f"val Hit@1      {v.get('val/hit@1', float('nan')):.4f}   (chance {v.get('val/chance@1', float('nan')):.4f})",
+        f"val Hit@5/MRR  {v.get('val/hit@5', float('nan')):.4f} / {v.get('val/mrr', float('nan')):.4f}",
+        "last losses    " + ", ".join(f"{k}={x:.4f}" for k, x in s["last_loss"].items() if k.startswith("loss")),
+        f"wall time      {s['wall_time_s']:.1f} s (training {s['train_time_s']:.1f} s)",
+        f"throughput     {s['samples_per_s']:.1f} samples/s",
+        f"peak memory    {s['peak_memory_gb']:.2f} GiB",
+        f"run dir        {s['run_dir']}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    name = cfg.experiment_name
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        name = f"{name}[{hc.job.override_dirname}]" if hc.job.override_dirname else name
+        group = Path(hc.sweep.dir).name
+    summary = run(cfg, run_dir, name, group)
+    return summary["val"].get("val/hit@1")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

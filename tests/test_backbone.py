@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from conftest import KINDS, make_backbone, side_batch, triple_batch
+from rematch_pl.backbone.sequence import Ids, Segment, build_inputs
+from rematch_pl.checkpoint import load_trainable, save_trainable
+from rematch_pl.model import ReMatchModel
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_inputs_equal_hf_forward_with_mrope(backbones, kind):
+    """Our inputs_embeds + explicit 3-D positions == the HF model's own forward (never 1-D fallback)."""
+    bb = backbones[kind]
+    b = triple_batch(bb.processor)
+    q = b["qry"]
+    grids = b["image_grid_thw"]
+    feats = bb.encode_images(b["pixel_values"], grids)
+    rows = [[Segment([Ids(q["ids"][i, : q["lengths"][i]].tolist(), None if q["image"][i] < 0 else int(q["image"][i]))])]
+            for i in range(3)]
+    packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
+    attn = (packed.segment_ids >= 0).long()
+    with torch.no_grad():
+        ours = bb(packed, attn)
+        # the HF path, fed the same images in the same order (query images only)
+        used = [int(i) for i in q["image"] if i >= 0]
+        pv = torch.cat([b["pixel_values"][_patch_slice(grids, j)] for j in used])
+        mm = (q["ids"] == bb.image_token_id).int()
+        ref = bb.hf.model(input_ids=q["ids"], attention_mask=attn, pixel_values=pv, image_grid_thw=grids[used],
+                          mm_token_type_ids=mm).last_hidden_state
+        ref_pos, _ = bb.hf.model.get_rope_index(q["ids"], mm, grids[used], attention_mask=attn)
+    m = attn.bool()
+    assert torch.equal(packed.position_ids[:, m], ref_pos[:, m])
+    torch.testing.assert_close(ours[m], ref[m], atol=1e-5, rtol=1e-4)
+
+
+def _patch_slice(grids, j):
+    n = grids.prod(-1)
+    start = int(n[:j].sum())
+    return slice(start, start + int(n[j]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_targets_language_model_only(backbones, kind):
+    names = [n for n, p in backbones[kind].named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and "language_model" in n for n in names)
+    assert not any("visual" in n for n in names)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_backward_and_adapter_roundtrip(kind, tmp_path):
+    torch.manual_seed(0)
+    bb = make_backbone(kind)
+    model = ReMatchModel(bb, k=4, matching="all")
+    batch = triple_batch(bb.processor)
+    out = model(batch)
+    out["loss"].backward()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    opt.step()  # move every trainable weight away from its init (LoRA B starts at 0)
+    model.eval()
+    with torch.no_grad():
+        before = model.encode(batch["qry"], batch["pixel_values"], batch["image_grid_thw"])
+    save_trainable(model, tmp_path / "adapter")
+    fresh = ReMatchModel(make_backbone(kind), k=4, matching="all").eval()
+    with torch.no_grad():
+        differs = fresh.encode(batch["qry"], batch["pixel_values"], batch["image_grid_thw"])
+    assert not torch.allclose(before, differs)
+    load_trainable(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        after = fresh.encode(batch["qry"], batch["pixel_values"], batch["image_grid_thw"])
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_truncation_never_cuts_image_tokens(backbones):
+    pr = backbones["qwen2vl"].processor
+    from PIL import Image
+
+    ib = pr.process_images([Image.new("RGB", (112, 112), (1, 2, 3))])
+    n = pr.num_image_tokens(ib.grid_thw[0])
+    text = "<|image_1|> " + "red circle " * 50
+    ids = pr.encode_content(text, n, max_length=n + 6)
+    assert len(ids) == n + 6
+    assert ids.count(pr.image_token_id) == n and pr.vision_end_id in ids
+    from rematch_pl.backbone.processor import ContentError
+
+    with pytest.raises(ContentError, match="max_length"):
+        pr.encode_content(text, n, max_length=n)
+    with pytest.raises(ContentError, match="placeholder"):
+        pr.encode_content("no placeholder here", n)
+    with pytest.raises(ContentError, match="no image"):
+        pr.encode_content("<|image_1|> x", None)
+
+
+def test_side_batch_image_tokens_match_grid(backbones):
+    pr = backbones["qwen25vl"].processor
+    b = triple_batch(pr)
+    for side in ("qry", "pos", "neg"):
+        s = b[side]
+        for i in range(len(s["lengths"])):
+            n = int((s["ids"][i] == pr.image_token_id).sum())
+            img = int(s["image"][i])
+            assert n == (0 if img < 0 else int(b["image_grid_thw"][img].prod()) // 4)

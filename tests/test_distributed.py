@@ -1,0 +1,57 @@
+"""2-process CPU (gloo) checks of the global-batch contrastive loss."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rematch_pl.losses import contrastive_loss, gathered_contrastive_loss
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, q, pos, neg, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.nn.functional import all_gather
+
+        B = q.shape[0] // world
+        sl = slice(rank * B, (rank + 1) * B)
+        lq, lp = q[sl].clone().requires_grad_(), pos[sl].clone().requires_grad_()
+        ln = neg[sl].clone().requires_grad_() if neg is not None else None
+        gather = lambda x: torch.stack(all_gather(x))  # noqa: E731  autograd-aware
+        loss = gathered_contrastive_loss(lq, lp, ln, 0.05, gather=gather, rank=rank)
+        loss.backward()
+        # DDP averages gradients over ranks: the local rows' gradient is grad / world
+        torch.save({"loss": loss.detach(), "gq": lq.grad / world, "gp": lp.grad / world,
+                    "gn": ln.grad / world if ln is not None else None}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n_neg", [0, 2])
+def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg):
+    torch.manual_seed(n_neg)
+    world, B, D = 2, 3, 16
+    q, pos = torch.randn(world * B, D), torch.randn(world * B, D)
+    neg = torch.randn(world * B, n_neg, D) if n_neg else None
+    mp.spawn(_worker, args=(world, _free_port(), q, pos, neg, str(tmp_path)), nprocs=world, join=True)
+    sq, sp = q.clone().requires_grad_(), pos.clone().requires_grad_()
+    sn = neg.clone().requires_grad_() if neg is not None else None
+    ref = contrastive_loss(sq, sp, sn, 0.05)
+    ref.backward()
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    # the global loss is the mean of the per-rank losses
+    torch.testing.assert_close(sum(r["loss"] for r in res) / world, ref.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.cat([r["gq"] for r in res]), sq.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["gp"] for r in res]), sp.grad, atol=1e-6, rtol=1e-5)
+    if n_neg:
+        torch.testing.assert_close(torch.cat([r["gn"] for r in res]), sn.grad, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from conftest import KINDS, make_backbone, triple_batch
+from rematch_pl.matching import VIEW_SETS, allowed_tags, unified_mask, views_for
+from rematch_pl.model import ReMatchModel
+
+
+def _setup(kind, views="all", feature="fused", seed=0):
+    torch.manual_seed(seed)
+    bb = make_backbone(kind)
+    # move LoRA away from zero so that the adapter takes part in the computation
+    with torch.no_grad():
+        for n, p in bb.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model = ReMatchModel(bb, k=4, matching=views, matching_feature=feature).eval()
+    batch = triple_batch(bb.processor)
+    feats = bb.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+    q, p, n = (model.contents(batch[s]) for s in ("qry", "pos", "neg"))
+    (eq, qs), (ep, ps), (en, ns) = model.embed([("qry", q), ("doc", p), ("doc", n)], feats, batch["image_grid_thw"])
+    mi = model.matching_inputs(q, p, n, eq, ep, en, qs, ps, ns)
+    return model, batch, feats, mi
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("feature", ["fused", "tokens"])
+def test_packed_equals_isolated_for_every_view(kind, feature):
+    model, batch, feats, mi = _setup(kind, feature=feature)
+    grids = batch["image_grid_thw"]
+    assert any(len(x.ids) > 0 and x.image is not None for x in mi[0])  # raw views hold images
+    with torch.no_grad():
+        packed = model.matching_logits(*mi[:-1], feats, grids)  # [B, 8, vocab]
+        for v in range(8):
+            iso = model.matching_logits(*mi[:-1], feats, grids, isolate=v)  # [B, 1, vocab]
+            torch.testing.assert_close(iso[:, 0], packed[:, v], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpaired_segments_do_not_leak(kind):
+    """Changing D2 (raw and feature) leaves the answers of the d1 views unchanged, and vice versa."""
+    model, batch, feats, mi = _setup(kind)
+    q_raw, d1_raw, d2_raw, zq, zd1, zd2, labels = mi
+    grids = batch["image_grid_thw"]
+    views = model.matching.views
+    with torch.no_grad():
+        base = model.matching_logits(q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids)
+        swapped = model.matching_logits(q_raw, d1_raw, list(reversed(d2_raw)), zq, zd1, zd2.flip(0) + 1.0, feats, grids)
+        qfeat_changed = model.matching_logits(q_raw, d1_raw, d2_raw, zq + 1.0, zd1, zd2, feats, grids)
+    for v, view in enumerate(views):
+        if view.slot == 1:
+            torch.testing.assert_close(swapped[:, v], base[:, v], atol=1e-5, rtol=0)
+        else:
+            assert not torch.allclose(swapped[:, v], base[:, v], atol=1e-3)
+        if view.query == "raw":
+            torch.testing.assert_close(qfeat_changed[:, v], base[:, v], atol=1e-5, rtol=0)
+        else:
+            assert not torch.allclose(qfeat_changed[:, v], base[:, v], atol=1e-3)
+
+
+def test_mask_rule():
+    views = views_for("all")
+    allow = allowed_tags(views)
+    # answer of view (qraw, d1, raw) sees P, Qr, D1r and itself only
+    a = 7 + views.index(next(v for v in views if v.query == "raw" and v.slot == 1 and v.doc == "raw"))
+    assert set(torch.nonzero(allow[a]).flatten().tolist()) == {0, 1, 3, a}
+    # content segments see P and themselves only
+    for tag in range(1, 7):
+        assert set(torch.nonzero(allow[tag]).flatten().tolist()) == {0, tag}
+    seg = torch.tensor([[0, 0, 1, 1, 3, 7, -1]])
+    mask = unified_mask(seg, views, torch.float32)[0, 0]
+    ok = mask == 0
+    assert ok[1, 0] and not ok[0, 1]  # causal inside P
+    assert not ok[4, 2]  # doc does not see query
+    assert ok[5, 2] and ok[5, 4] and ok[5, 0]  # answer sees its query, its doc, P
+    assert ok[6].tolist() == [False] * 6 + [True]  # padding sees itself only
+
+
+def test_view_sets():
+    assert len(views_for("all")) == 8
+    for name in ("feat_feat", "raw_raw", "raw_feat", "feat_raw"):
+        assert len(views_for(name)) == 2
+    assert views_for("none") == []
+    assert set(VIEW_SETS) == {"all", "feat_feat", "raw_raw", "raw_feat", "feat_raw", "none"}
+
+
+def test_positive_slot_is_uniform():
+    model, batch, feats, mi = _setup("qwen2vl")
+    q, p, n = (model.contents(batch[s]) for s in ("qry", "pos", "neg"))
+    d = torch.zeros(3, model.backbone.hidden_size)
+    firsts = []
+    torch.manual_seed(123)
+    for _ in range(400):
+        *_, labels = model.matching_inputs(q, p, n, d, d + 1, d + 2, None, None, None)
+        firsts += (labels[:, 0] == model.matching.yes_id).tolist()  # view 0 is a d1 view
+    frac = sum(firsts) / len(firsts)
+    assert 0.45 < frac < 0.55  # 1200 draws: 5 sigma ~ 0.07
+
+
+@pytest.mark.parametrize("term", ["loss_cl", "loss_orth", "loss_qdm"])
+def test_each_loss_term_reaches_lora_tokens_projector(term):
+    torch.manual_seed(0)
+    bb = make_backbone("qwen2vl")
+    model = ReMatchModel(bb, k=4, matching="all")
+    with torch.no_grad():
+        for n, p in bb.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    out = model(triple_batch(bb.processor))
+    out[term].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    nonzero = lambda key: any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if key in n)  # noqa: E731
+    assert nonzero("lora_"), term
+    assert nonzero("fusion.tokens"), term
+    if term == "loss_qdm":
+        assert nonzero("projector") and nonzero("markers")
+    else:  # the contrastive and orthogonality terms do not involve the matching head
+        assert not nonzero("projector")
