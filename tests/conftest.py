@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-KINDS = ["qwen2vl", "qwen25vl"]
+from tinyutil import KINDS, make_backbone  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,51 +20,6 @@ def tiny_paths():
     from rematch_pl.backbone.tiny import resolve_tiny
 
     return {k: resolve_tiny(k) for k in KINDS}
-
-
-def make_backbone(kind: str, lora: bool = True, r: int = 8):
-    from rematch_pl.backbone.model import load_backbone
-
-    return load_backbone(f"tiny://{kind}", lora={"enabled": lora, "r": r, "alpha": 2 * r, "dropout": 0.0}
-                         if lora else None)
-
-
-def side_batch(processor, texts, images_idx, grids, max_length=None):
-    """Collate contents by hand (independent of the data package)."""
-    ids = [processor.encode_content(t, None if i < 0 else processor.num_image_tokens(grids[i]), max_length)
-           for t, i in zip(texts, images_idx)]
-    L = max(map(len, ids))
-    out = torch.full((len(ids), L), processor.pad_id)
-    for j, x in enumerate(ids):
-        out[j, : len(x)] = torch.tensor(x)
-    return {"ids": out, "lengths": torch.tensor([len(x) for x in ids]), "image": torch.tensor(images_idx)}
-
-
-def triple_batch(processor, n_neg: int = 1, seed: int = 0):
-    """A batch of 3 (query, positive, negative) triples with images on both sides."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    colors = [tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g)) for _ in range(5)]
-    sizes = [(64, 96), (80, 56), (56, 56), (112, 56), (60, 70)]
-    imgs = [Image.new("RGB", s, c) for s, c in zip(sizes, colors)]
-    ib = processor.process_images(imgs)
-    qry = side_batch(processor, ["<|image_1|> Represent the given image for classification.",
-                                 "Find me an everyday image that matches the given caption: two red circles",
-                                 "<|image_1|>\nRepresent the given image with the following question: How many?"],
-                     [0, -1, 4], ib.grid_thw)
-    pos = side_batch(processor, ["red circle", "<|image_1|> Represent the given image.", "three"], [-1, 1, -1],
-                     ib.grid_thw)
-    negs_t = ["blue square", "<|image_1|> Represent the given image.", "two"]
-    negs_i = [-1, 2, -1]
-    if n_neg == 2:
-        negs_t = [t for t in negs_t for _ in range(2)]
-        negs_i = [i for i in negs_i for _ in range(2)]
-        negs_i[3] = 3
-        negs_t[3] = "<|image_1|> Represent the given image."
-    neg = side_batch(processor, negs_t, negs_i, ib.grid_thw) if n_neg else None
-    return {"qry": qry, "pos": pos, "neg": neg, "pixel_values": ib.pixel_values, "image_grid_thw": ib.grid_thw,
-            "subset": ["a", "b", "c"], "row_id": ["a:0", "b:0", "c:0"]}
 
 
 @pytest.fixture(scope="session")

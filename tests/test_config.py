@@ -104,4 +104,4 @@ def test_hub_backbone_configs_load_through_the_same_path(backbone, tiny_paths):
     assert cfg.backbone.dtype == "bf16"
     bb = build_backbone(cfg.backbone)
     assert next(bb.hf.parameters()).dtype.is_floating_point
-    assert bb.processor.image_processor.max_pixels == cfg.backbone.max_pixels
+    assert bb.processor.pixel_range == (cfg.backbone.min_pixels, cfg.backbone.max_pixels)

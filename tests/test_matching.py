@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import KINDS, make_backbone, triple_batch
+from tinyutil import KINDS, make_backbone, triple_batch
 from rematch_pl.matching import VIEW_SETS, allowed_tags, unified_mask, views_for
 from rematch_pl.model import ReMatchModel
 

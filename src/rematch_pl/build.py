@@ -41,7 +41,9 @@ def build_module(cfg: DictConfig, model: ReMatchModel) -> ReMatchModule:
     o = cfg.optimizer
     return ReMatchModule(model, lr=o.lr * o.get("lr_scale", 1.0), weight_decay=o.weight_decay, betas=tuple(o.betas),
                          warmup_steps=o.warmup_steps, scheduler=o.scheduler, max_steps=cfg.trainer.max_steps,
-                         min_lr_ratio=o.min_lr_ratio)
+                         min_lr_ratio=o.min_lr_ratio, gradcache_chunk=cfg.train.gradcache.chunk_size,
+                         gradient_clip_val=cfg.trainer.gradient_clip_val,
+                         max_nonfinite_steps=cfg.train.max_nonfinite_steps)
 
 
 def build_datamodule(cfg: DictConfig, processor):
@@ -100,11 +102,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     t = cfg.trainer
+    manual = cfg.train.gradcache.chunk_size is not None  # GradCache: the module clips and steps itself
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
-                           save_last=True, save_top_k=-1 if False else 1, monitor=None)
+                           save_last=True, save_top_k=1, monitor=None)
     return L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        precision=t.precision, gradient_clip_val=t.gradient_clip_val,
+        precision=t.precision, gradient_clip_val=None if manual else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar, logger=logger, callbacks=[ckpt, *callbacks],

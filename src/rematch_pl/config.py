@@ -53,6 +53,10 @@ def validate(cfg: DictConfig) -> None:
     _check(d.batch_size >= 2, "data.batch_size", d.batch_size, ">= 2 (in-batch negatives need at least 2)")
     _check(d.num_hardneg >= 0, "data.num_hardneg", d.num_hardneg, ">= 0")
     _check(d.on_bad_row in ("raise", "skip"), "data.on_bad_row", d.on_bad_row, "raise | skip")
+    gc = cfg.train.gradcache.chunk_size
+    _check(gc is None or (isinstance(gc, int) and gc >= 1), "train.gradcache.chunk_size", gc, "null or an integer >= 1")
+    _check(gc is None or t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
+           "1 with GradCache (it already makes the batch as large as you like)")
     _check(cfg.strategy.name in ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
            "strategy.name", cfg.strategy.name, "auto | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3")
     _check(cfg.logger.name in ("wandb", "csv", "tensorboard", "none"), "logger.name", cfg.logger.name,

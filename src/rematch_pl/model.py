@@ -126,20 +126,26 @@ class ReMatchModel(nn.Module):
         h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, V, d]
         return bb.lm_head(h)  # [B, V, vocab]
 
-    def matching_inputs(self, q_raw, pos_raw, neg_raw, eq, ep, en, q_states, p_states, n_states):
+    def draw_slots(self, B: int) -> torch.Tensor:
+        """Which slot holds d+ for each instance: [B] bool, True = d1 (uniform, torch RNG)."""
+        return torch.rand(B) < 0.5
+
+    def matching_inputs(self, q_raw, pos_raw, neg_raw, eq, ep, en, q_states, p_states, n_states,
+                        pos_first: torch.Tensor | None = None):
         """Slot assignment (positive in d1 or d2 at random) and projected features."""
         head = self.matching
         B = len(q_raw)
         if neg_raw is None:  # no explicit hard negative: another instance's positive
             perm = torch.roll(torch.arange(B), 1).tolist()
             neg_raw = [pos_raw[i] for i in perm]
-            en, n_states = ep[perm], p_states[perm]
+            en, n_states = ep[perm], (p_states[perm] if p_states is not None else None)
         src = (q_states, p_states, n_states) if head.feature == "tokens" else (eq, ep, en)
         if head.uses_features:
             zq, zp, zn = (head.projector(x) for x in src)  # [B, d] or [B, K, d]
         else:  # raw views only: features are never read
             zq = zp = zn = eq.new_zeros(B, 1)
-        pos_first = torch.rand(B) < 0.5  # slot of d+ per instance
+        if pos_first is None:
+            pos_first = self.draw_slots(B)
         d1_raw = [pos_raw[b] if pos_first[b] else neg_raw[b] for b in range(B)]
         d2_raw = [neg_raw[b] if pos_first[b] else pos_raw[b] for b in range(B)]
         sel = pos_first.to(zp.device).view(-1, *([1] * (zp.dim() - 1)))
@@ -150,8 +156,15 @@ class ReMatchModel(nn.Module):
         return q_raw, d1_raw, d2_raw, zq, zd1, zd2, labels
 
     # ------------------------------------------------------------------ training step
-    def forward(self, batch: dict, gather: Callable | None = None, rank: int = 0) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch of (query, positive, hard negatives) triples (Eq. 5)."""
+    def forward(self, batch: dict, gather: Callable | None = None, rank: int = 0, mode: str = "loss",
+                cache: dict | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch of (query, positive, hard negatives) triples (Eq. 5).
+
+        mode="loss": the terms and their weighted sum ``loss``;
+        mode="embed": only the fused embeddings {q [B, d], pos [B, d], neg [B*N, d] | None};
+        mode="cached" (GradCache re-forward): ``surrogate`` = <cached grads, embeddings> + this
+        chunk's share of the orthogonality and matching losses (see `gradcache`).
+        """
         grids = batch["image_grid_thw"]
         feats = self.backbone.encode_images(batch["pixel_values"], grids)  # once per step, reused by matching
         q_raw, p_raw = self.contents(batch["qry"]), self.contents(batch["pos"])
@@ -160,26 +173,33 @@ class ReMatchModel(nn.Module):
         groups = [("qry", q_raw), ("doc", p_raw)] + ([("doc", n_raw)] if n_raw else [])
         outs = self.embed(groups, feats, grids)
         (eq, q_states), (ep, p_states) = outs[0], outs[1]
+        en, n_states = outs[2] if n_raw else (None, None)
+        if mode == "embed":
+            return {"q": eq, "pos": ep, "neg": en, "n_rows": sum(len(c) for _, c in groups)}
         B = eq.shape[0]
-        en = n_states = None
-        if n_raw:
-            en, n_states = outs[2]
-            N = en.shape[0] // B
-            en_b = en.view(B, N, -1)  # [B, N, d]
-        loss_cl = gathered_contrastive_loss(eq, ep, en_b if n_raw else None, self.temperature, gather, rank)
-        terms = {"loss_cl": loss_cl}
+        N = en.shape[0] // B if n_raw else 0
+        terms = {}
+        if mode == "cached":
+            surrogate = (eq * cache["q"]).sum() + (ep * cache["pos"]).sum()  # contrastive gradient, cached
+            if n_raw:
+                surrogate = surrogate + (en * cache["neg"]).sum()
+        else:
+            en_b = en.view(B, N, -1) if n_raw else None  # [B, N, d]
+            terms["loss_cl"] = gathered_contrastive_loss(eq, ep, en_b, self.temperature, gather, rank)
         if self.fusion.k > 1:
             all_states = torch.cat([q_states, p_states] + ([n_states] if n_raw else []))  # [M, K, d]
             terms["loss_orth"] = orthogonality_loss(all_states)
         else:
-            terms["loss_orth"] = loss_cl.new_zeros(())
-        loss = loss_cl + self.w_orth * terms["loss_orth"]
+            terms["loss_orth"] = eq.new_zeros(())
+        if mode == "cached":
+            terms["loss_orth"] = terms["loss_orth"] * cache["orth_weight"]
+            surrogate = surrogate + self.w_orth * terms["loss_orth"]
         if self.matching is not None:
-            first_neg = en_b[:, 0] if n_raw else None
-            first_neg_states = n_states.view(B, N, *n_states.shape[1:])[:, 0] if n_raw else None
+            first = (lambda x: x.view(B, N, *x.shape[1:])[:, 0]) if n_raw else (lambda x: None)  # noqa: E731
             first_neg_raw = [n_raw[b * N] for b in range(B)] if n_raw else None
-            mi = self.matching_inputs(q_raw, p_raw, first_neg_raw, eq, ep, first_neg, q_states, p_states,
-                                      first_neg_states)
+            mi = self.matching_inputs(q_raw, p_raw, first_neg_raw, eq, ep, first(en) if n_raw else None, q_states,
+                                      p_states, first(n_states) if n_raw else None,
+                                      pos_first=cache["pos_first"] if cache else None)
             labels = mi[-1].to(eq.device)
             logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
             terms["loss_qdm"] = matching_loss(logits, labels)
@@ -187,8 +207,16 @@ class ReMatchModel(nn.Module):
             pred_yes = yes_no[..., 0] > yes_no[..., 1]
             correct = (pred_yes == (labels == self.matching.yes_id)).float()  # [B, V]
             for v, view in enumerate(self.matching.views):
-                terms[f"acc_{view.name}"] = correct[:, v].mean()
-            terms["acc_qdm"] = correct.mean()
+                terms[f"acc_{view.name}"] = correct[:, v].mean().detach()
+            terms["acc_qdm"] = correct.mean().detach()
+            if mode == "cached":
+                terms["loss_qdm"] = terms["loss_qdm"] * cache["qdm_weight"]
+                surrogate = surrogate + self.w_qdm * terms["loss_qdm"]
+        if mode == "cached":
+            terms["surrogate"] = surrogate
+            return terms
+        loss = terms["loss_cl"] + self.w_orth * terms["loss_orth"]
+        if self.matching is not None:
             loss = loss + self.w_qdm * terms["loss_qdm"]
         terms["loss"] = loss
         return terms

@@ -18,11 +18,18 @@ log = logging.getLogger(__name__)
 class ReMatchModule(L.LightningModule):
     def __init__(self, model: ReMatchModel, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "cosine",
-                 max_steps: int = 1000, min_lr_ratio: float = 0.0):
+                 max_steps: int = 1000, min_lr_ratio: float = 0.0, gradcache_chunk: int | None = None,
+                 gradient_clip_val: float | None = None, max_nonfinite_steps: int = 10):
         super().__init__()
+        self.gradcache_chunk = gradcache_chunk
+        self.automatic_optimization = gradcache_chunk is None  # GradCache runs its own backward passes
+        self.clip_val = gradient_clip_val
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_run = 0
         if scheduler not in ("cosine", "constant", "linear"):
             raise ValueError(f"optimizer.scheduler={scheduler!r}: expected cosine, constant or linear")
         self.model = model
+        self.model.train()
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.scheduler_name, self.max_steps = warmup_steps, scheduler, max_steps
         self.min_lr_ratio = min_lr_ratio
@@ -65,15 +72,60 @@ class ReMatchModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         self._t_step = time.perf_counter()
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """True when the loss is finite on every rank (all ranks skip a step together)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) == 0:
+            self._nonfinite_run = 0
+            return True
+        self._nonfinite_run += 1
+        self.log("train/nonfinite_skipped", float(self._nonfinite_run), batch_size=1)
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self._nonfinite_run)
+        if self._nonfinite_run >= self.max_nonfinite_steps:
+            raise RuntimeError(f"{self._nonfinite_run} consecutive non-finite losses (last at step {self.global_step}): "
+                               "lower optimizer.lr, use trainer.precision=bf16-mixed instead of fp16, or check the data")
+        return False
+
+    def _gradcache_step(self, batch):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .gradcache import gradcache_step
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        opt.zero_grad()
+        wrapped = self.trainer.strategy.model
+        no_sync = wrapped.no_sync if isinstance(wrapped, DistributedDataParallel) else None
+        distributed = self.trainer.world_size > 1
+        terms = gradcache_step(self.model, batch, self.gradcache_chunk, backward=self.manual_backward,
+                               gather=self._gather if distributed else None, rank=self.global_rank, no_sync=no_sync)
+        if not self._all_finite(terms["loss"]):
+            opt.zero_grad()
+            return terms
+        if self.clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        return terms
+
     def training_step(self, batch, batch_idx):
         distributed = self.trainer.world_size > 1
-        terms = self.model(batch, gather=self._gather if distributed else None, rank=self.global_rank)
+        if self.gradcache_chunk is not None:
+            terms = self._gradcache_step(batch)
+        else:
+            terms = self.model(batch, gather=self._gather if distributed else None, rank=self.global_rank)
         B = batch["qry"]["ids"].shape[0]
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "loss_cl", "loss_qdm"),
                      batch_size=B, sync_dist=False)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         self._tokens = int(sum(batch[s]["lengths"].sum() for s in ("qry", "pos", "neg") if batch.get(s) is not None))
+        if self.gradcache_chunk is not None:
+            return None
+        if not self._all_finite(terms["loss"]):
+            return None  # Lightning skips the optimizer step
         return terms["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

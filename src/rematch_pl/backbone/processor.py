@@ -59,15 +59,10 @@ class MultimodalProcessor:
         if max_pixels is not None:
             extra["max_pixels"] = int(max_pixels)
         image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False, **extra, **kwargs)
-        if extra:  # older processors keep both spellings; make them agree
-            size = dict(getattr(image_processor, "size", {}) or {})
-            if "min_pixels" in extra:
-                size["shortest_edge"] = extra["min_pixels"]
-                image_processor.min_pixels = extra["min_pixels"]
-            if "max_pixels" in extra:
-                size["longest_edge"] = extra["max_pixels"]
-                image_processor.max_pixels = extra["max_pixels"]
-            image_processor.size = size
+        size = getattr(image_processor, "size", None) or {}
+        for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if key in extra and size.get(edge, extra[key]) != extra[key]:
+                raise ValueError(f"backbone.{key}={extra[key]} was not applied by {type(image_processor).__name__}")
         tokenizer.padding_side = "right"
         return cls(tokenizer, image_processor)
 
@@ -78,6 +73,12 @@ class MultimodalProcessor:
             return ImageBatch(torch.zeros(0, 3 * 2 * self.patch_size**2), torch.zeros(0, 3, dtype=torch.long))
         out = self.image_processor(images=images, return_tensors="pt")
         return ImageBatch(out["pixel_values"], out["image_grid_thw"].long())
+
+    @property
+    def pixel_range(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels) the image processor resizes into."""
+        size = self.image_processor.size
+        return int(size["shortest_edge"]), int(size["longest_edge"])
 
     def num_image_tokens(self, grid_thw: torch.Tensor) -> int:
         return int(grid_thw.prod().item()) // self.merge_size**2

@@ -1,0 +1,239 @@
+"""`MMEBDataModule`: MMEB-train (+ hard negatives) for training, MMEB-eval for validation.
+
+All constructor arguments are plain values (Hydra-friendly). With ``synthetic`` (the
+keyword arguments of `generate_synthetic`, ``out_dir`` included) the synthetic dataset
+is generated in `prepare_data`, and every path left None points into it.
+
+Validation items. The unique (text, image) items of all eval subsets get one global
+numbering (subset after subset, in ``eval.subsets`` order). ``eval_layout[subset]``
+gives ``{"queries": [global item per query], "candidates": [[global items, positive
+first]], "offset": first global index, "num_items": n}``. Across ranks the items are
+split in strides: rank r takes global items ``r, r + W, r + 2W, ...`` wrapping around
+to the start so that every rank gets exactly ``ceil(n / W)`` items (a few items are
+repeated; a repeat carries the same ``item_index`` and the same embedding), hence the
+same number of validation batches on every rank. DataLoader workers split a rank's
+items in strides again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections import Counter
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rematch_pl.data.collate import EvalCollator, TrainCollator
+from rematch_pl.data.images import load_image, make_processor_safe
+from rematch_pl.data.mmeb import DataError, EvalSet, list_subsets, load_eval_subset, resolve_target_instructions
+from rematch_pl.data.stream import BAD_ROW_POLICIES, TrainStream, resolve_rank_world
+from rematch_pl.data.synthetic import generate_synthetic, synthetic_paths
+
+TRAIN_KEYS = {"path": None, "image_root": None, "subsets": None, "split": "original", "caps": None, "weights": None}
+HARDNEG_KEYS = {"path": None, "image_root": None, "split": "original"}
+EVAL_KEYS = {"path": None, "image_root": None, "subsets": None, "split": "test", "max_queries": None}
+
+
+def _plain(value):
+    """OmegaConf containers -> plain Python (anything else unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _section(name: str, value, defaults: dict) -> dict:
+    value = _plain(value)
+    if value is None:
+        return dict(defaults)
+    if not isinstance(value, dict):
+        raise ValueError(f"data.{name} must be a mapping with keys {sorted(defaults)}, got {value!r}")
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise ValueError(f"data.{name}: unknown key(s) {unknown}; allowed: {sorted(defaults)}")
+    return {**defaults, **value}
+
+
+class EvalItems(IterableDataset):
+    """This rank's share of the global eval items, loaded as ``(item_index, text, image or None)``."""
+
+    def __init__(self, items: list[tuple[str, str | None]], rank: int = 0, world_size: int = 1,
+                 image_patch: int = 28, max_ratio: float = 200):
+        self.items = items  # global: (text, full image path or None)
+        n = len(items)
+        per_rank = math.ceil(n / world_size) if n else 0
+        self.indices = [(rank + k * world_size) % n for k in range(per_rank)]
+        self.image_patch, self.max_ratio = image_patch, max_ratio
+
+    @property
+    def num_items(self) -> int:
+        """Items of this rank (no ``__len__``: Lightning would cap the batches it reads at
+        ``ceil(len / batch_size)``, fewer than several workers yield)."""
+        return len(self.indices)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k in self.indices[wid::nw]:
+            text, path = self.items[k]
+            image = None
+            if path:
+                try:
+                    image = make_processor_safe(load_image(path), self.image_patch, self.max_ratio)
+                except Exception as e:
+                    raise DataError(f"eval item {k}: cannot load image {path}: {type(e).__name__}: {e}") from e
+            yield k, text, image
+
+
+class MMEBDataModule(pl.LightningDataModule):
+    """MMEB(-style) training stream and validation items; see the module docstring."""
+
+    def __init__(self, train=None, hardneg=None, eval=None, num_hardneg: int = 1, target_instruction=None,
+                 batch_size: int = 8, eval_batch_size: int = 32, homogeneous: bool = False, num_workers: int = 0,
+                 max_length: int | None = 256, on_bad_row: str = "raise", seed: int = 0, shuffle_buffer: int = 256,
+                 synthetic=None, processor=None):
+        super().__init__()
+        self.train_cfg = _section("train", train, TRAIN_KEYS)
+        self.hardneg_cfg = _section("hardneg", hardneg, HARDNEG_KEYS)
+        self.eval_cfg = _section("eval", eval, EVAL_KEYS)
+        self.synthetic = _plain(synthetic)
+        if self.synthetic is not None:
+            self._check_synthetic(self.synthetic)
+            self._default_paths(synthetic_paths(self.synthetic["out_dir"]))
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"data.on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+        for name, v, lo in [("num_hardneg", num_hardneg, 0), ("batch_size", batch_size, 1),
+                            ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
+                            ("shuffle_buffer", shuffle_buffer, 0)]:
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"data.max_length must be a positive integer or None, got {max_length!r}")
+        mq = self.eval_cfg["max_queries"]
+        if mq is not None and (not isinstance(mq, int) or mq < 1):
+            raise ValueError(f"data.eval.max_queries must be a positive integer or None, got {mq!r}")
+        self.target_instruction = _plain(target_instruction)
+        resolve_target_instructions(self.target_instruction)  # validates
+        self.num_hardneg, self.batch_size, self.eval_batch_size = num_hardneg, batch_size, eval_batch_size
+        self.homogeneous, self.num_workers, self.max_length = bool(homogeneous), num_workers, max_length
+        self.on_bad_row, self.seed, self.shuffle_buffer = on_bad_row, int(seed), shuffle_buffer
+        self.processor = processor
+        self.eval_sets: dict[str, EvalSet] = {}
+        self.eval_layout: dict[str, dict] = {}
+        self.eval_items: list[tuple[str, str | None]] = []
+        self.bad_rows: dict[str, Counter] = {}
+
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def _check_synthetic(cfg) -> None:
+        if not isinstance(cfg, dict) or "out_dir" not in cfg:
+            raise ValueError(f"data.synthetic must be a mapping with at least out_dir, got {cfg!r}")
+        allowed = set(inspect.signature(generate_synthetic).parameters)
+        unknown = sorted(set(cfg) - allowed)
+        if unknown:
+            raise ValueError(f"data.synthetic: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+    def _default_paths(self, paths: dict) -> None:
+        t, h, e = self.train_cfg, self.hardneg_cfg, self.eval_cfg
+        if t["path"] is None:
+            t["path"] = paths["train"]
+            t["image_root"] = t["image_root"] or paths["train_images"]
+        if h["path"] is None:
+            h["path"] = paths["hardneg"]
+            h["image_root"] = h["image_root"] or paths["train_images"]
+        if e["path"] is None:
+            e["path"] = paths["eval"]
+            e["image_root"] = e["image_root"] or paths["eval_images"]
+
+    def set_processor(self, processor) -> None:
+        """The backbone's `MultimodalProcessor` (the data cannot be tokenised without it)."""
+        self.processor = processor
+
+    def _require_processor(self):
+        if self.processor is None:
+            raise RuntimeError("MMEBDataModule has no processor: call datamodule.set_processor(processor) "
+                               "with the backbone's MultimodalProcessor before asking for dataloaders")
+        return self.processor
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return resolve_rank_world()
+
+    # ------------------------------------------------------------------ lifecycle
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            generate_synthetic(**self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.synthetic is not None:  # idempotent; normally already done by prepare_data
+            generate_synthetic(**self.synthetic)
+        if stage in (None, "fit", "validate") and self.eval_cfg["path"] is not None and not self.eval_sets:
+            self._load_eval()
+
+    def _load_eval(self) -> None:
+        cfg = self.eval_cfg
+        path = os.fspath(cfg["path"])
+        root = cfg["image_root"] if cfg["image_root"] is not None else path
+        subsets = cfg["subsets"] or list_subsets(path)
+        self.eval_sets, self.eval_layout, self.eval_items = {}, {}, []
+        for subset in subsets:
+            es = load_eval_subset(path, root, subset, max_queries=cfg["max_queries"], split=cfg["split"],
+                                  target_instruction=self.target_instruction)
+            offset = len(self.eval_items)
+            self.eval_sets[subset] = es
+            self.eval_items.extend((text, es.image_file(k)) for k, (text, _) in enumerate(es.items))
+            self.eval_layout[subset] = {
+                "queries": [offset + q for q in es.queries],
+                "candidates": [[offset + c for c in cands] for cands in es.candidates],
+                "offset": offset,
+                "num_items": len(es.items),
+            }
+
+    @property
+    def num_eval_items(self) -> int:
+        return len(self.eval_items)
+
+    # ------------------------------------------------------------------ dataloaders
+    def train_stream(self) -> TrainStream:
+        t, h = self.train_cfg, self.hardneg_cfg
+        if t["path"] is None:
+            raise ValueError("data.train.path is not set (and no data.synthetic): nothing to train on")
+        rank, world = self._rank_world()
+        return TrainStream(
+            t["path"], t["image_root"], t["subsets"], t["split"],
+            hardneg_path=h["path"], hardneg_image_root=h["image_root"], hardneg_split=h["split"],
+            num_hardneg=self.num_hardneg, target_instruction=self.target_instruction,
+            batch_size=self.batch_size, homogeneous=self.homogeneous, caps=t["caps"], weights=t["weights"],
+            seed=self.seed, shuffle_buffer=self.shuffle_buffer, on_bad_row=self.on_bad_row,
+            rank=rank, world_size=world)
+
+    def train_dataloader(self) -> DataLoader:
+        collate = TrainCollator(self._require_processor(), self.max_length)
+        return DataLoader(self.train_stream(), batch_size=None, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        if self.eval_cfg["path"] is None:
+            return []
+        if not self.eval_sets:
+            self._load_eval()
+        rank, world = self._rank_world()
+        dataset = EvalItems(self.eval_items, rank, world)
+        return DataLoader(dataset, batch_size=self.eval_batch_size,
+                          collate_fn=EvalCollator(self._require_processor(), self.max_length),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    # ------------------------------------------------------------------ bad-row accounting
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """Collect the stream's skipped-row counts (they come from the workers inside batches)."""
+        if isinstance(batch, dict) and "bad_rows" in batch:
+            for subset, counts in batch.pop("bad_rows").items():
+                self.bad_rows.setdefault(subset, Counter()).update(counts)
+        return batch

@@ -1,0 +1,136 @@
+"""MMEBDataModule: argument validation, synthetic defaults, train/val dataloaders, eval layout."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from rematch_pl.data.datamodule import EvalItems, MMEBDataModule
+from rematch_pl.data.synthetic import SUBSETS
+
+SYN = dict(n_train_per_subset=40, n_eval_queries=10, n_candidates=8)
+
+
+@pytest.fixture
+def dm(synthetic_dir, processor):
+    m = MMEBDataModule(synthetic=dict(SYN, out_dir=str(synthetic_dir)), batch_size=4, eval_batch_size=16,
+                       homogeneous=True, target_instruction="default", max_length=64)
+    m.set_processor(processor)
+    m.prepare_data()
+    m.setup("fit")
+    return m
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(on_bad_row="ignore"), "on_bad_row"),
+    (dict(num_hardneg=-1), "num_hardneg"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(num_workers=1.5), "num_workers"),
+    (dict(max_length=0), "max_length"),
+    (dict(train={"path": "x", "imageroot": "y"}), "unknown key.*imageroot"),
+    (dict(eval={"path": "x", "max_queries": 0}), "max_queries"),
+    (dict(synthetic={"seed": 1}), "out_dir"),
+    (dict(synthetic={"out_dir": "x", "n_rows": 1}), "unknown key.*n_rows"),
+    (dict(target_instruction=5), "target_instruction"),
+])
+def test_argument_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MMEBDataModule(**kwargs)
+
+
+def test_synthetic_paths_default_into_out_dir(tmp_path):
+    m = MMEBDataModule(synthetic={"out_dir": str(tmp_path / "s")}, eval={"max_queries": 5})
+    assert m.train_cfg["path"] == str(tmp_path / "s" / "train") == m.train_cfg["image_root"]
+    assert m.hardneg_cfg["path"] == str(tmp_path / "s" / "hardneg")
+    assert m.hardneg_cfg["image_root"] == str(tmp_path / "s" / "train")
+    assert m.eval_cfg["path"] == str(tmp_path / "s" / "eval") and m.eval_cfg["max_queries"] == 5
+    given = MMEBDataModule(synthetic={"out_dir": str(tmp_path / "s")}, train={"path": "/elsewhere"})
+    assert given.train_cfg["path"] == "/elsewhere"
+
+
+def test_processor_required(synthetic_dir):
+    m = MMEBDataModule(synthetic=dict(SYN, out_dir=str(synthetic_dir)))
+    with pytest.raises(RuntimeError, match="set_processor"):
+        m.train_dataloader()
+
+
+def test_train_dataloader(dm, processor):
+    it = iter(dm.train_dataloader())
+    for _ in range(5):
+        batch = next(it)
+        assert batch["qry"]["ids"].shape[0] == 4 and batch["neg"]["ids"].shape[0] == 4
+        assert len(set(batch["subset"])) == 1  # homogeneous
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+        assert int(batch["qry"]["lengths"].max()) <= 64
+
+
+def test_eval_layout_global_numbering(dm):
+    assert list(dm.eval_layout) == list(SUBSETS) and set(dm.eval_sets) == set(SUBSETS)
+    offset = 0
+    for subset, layout in dm.eval_layout.items():
+        es = dm.eval_sets[subset]
+        assert layout["offset"] == offset and layout["num_items"] == len(es.items)
+        assert layout["queries"] == [offset + q for q in es.queries]
+        for g_cands, cands in zip(layout["candidates"], es.candidates):
+            assert g_cands == [offset + c for c in cands]
+            assert dm.eval_items[g_cands[0]][0] == es.items[cands[0]][0]  # positive first, same item
+        offset += len(es.items)
+    assert dm.num_eval_items == offset
+
+
+def test_val_dataloader_covers_every_item_once(dm, processor):
+    seen = Counter()
+    for batch in dm.val_dataloader():
+        assert set(batch) == {"items", "pixel_values", "image_grid_thw", "item_index"}
+        seen.update(batch["item_index"].tolist())
+        ids = batch["items"]["ids"]
+        n_img = (ids == processor.image_token_id).sum(1)
+        has = batch["items"]["image"] >= 0
+        assert (n_img[has] > 0).all() and (n_img[~has] == 0).all()
+    assert sorted(seen) == list(range(dm.num_eval_items)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (7, 2), (2, 4)])
+def test_eval_items_sharded_equally(n, world):
+    items = [(f"t{i}", None) for i in range(n)]
+    shards = [list(EvalItems(items, r, world)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # same number of batches on every rank
+    assert {k for s in shards for k, _, _ in s} == set(range(n))
+    assert shards[1][0][0] == 1 % n  # strided: rank r starts at item r
+
+
+def test_bad_rows_collected_from_batches(dm):
+    batch = {"qry": {}, "bad_rows": {"Syn_VG": {"missing image": 2}}}
+    out = dm.on_before_batch_transfer(batch, 0)
+    dm.on_before_batch_transfer({"bad_rows": {"Syn_VG": {"missing image": 1, "empty query": 1}}}, 0)
+    assert "bad_rows" not in out
+    assert dm.bad_rows == {"Syn_VG": Counter({"missing image": 3, "empty query": 1})}
+
+
+def test_hydra_style_config(synthetic_dir, processor):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"train": {"caps": {"Syn_CLS": 8}, "weights": None}, "eval": {"subsets": ["Syn_CLS"]},
+                            "synthetic": dict(SYN, out_dir=str(synthetic_dir))})
+    m = MMEBDataModule(train=cfg.train, eval=cfg.eval, synthetic=cfg.synthetic, batch_size=2, num_hardneg=0)
+    m.set_processor(processor)
+    m.setup("fit")
+    assert list(m.eval_layout) == ["Syn_CLS"]
+    stream = m.train_stream()
+    assert stream.caps == {"Syn_CLS": 8} and stream.sizes["Syn_CLS"] == 8
+    batch = next(iter(m.train_dataloader()))
+    assert batch["neg"] is None and isinstance(batch["qry"]["ids"], torch.Tensor)
+
+
+def test_dataloader_workers(synthetic_dir, processor):
+    m = MMEBDataModule(synthetic=dict(SYN, out_dir=str(synthetic_dir)), batch_size=4, eval_batch_size=32,
+                       num_workers=2, eval={"subsets": ["Syn_CLS", "Syn_VG"]})
+    m.set_processor(processor)
+    m.setup("fit")
+    loader = m.train_dataloader()
+    assert loader.persistent_workers
+    it = iter(loader)
+    rows = [r for _ in range(6) for r in next(it)["row_id"]]
+    assert len(rows) == 24 and len(set(rows)) == 24  # the two workers hold disjoint shards
+    seen = Counter(i for b in m.val_dataloader() for i in b["item_index"].tolist())
+    assert sorted(seen) == list(range(m.num_eval_items)) and set(seen.values()) == {1}

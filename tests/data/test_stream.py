@@ -1,0 +1,245 @@
+"""TrainStream: example format, exact sharding, mixing, negatives, bad-row policies."""
+
+from collections import Counter
+
+import pytest
+from mmeb_layouts import PH, make_train, save_png, train_row, write_card, write_parquet
+from torch.utils.data import DataLoader
+
+from rematch_pl.data.mmeb import DataError
+from rematch_pl.data.stream import TrainStream
+
+
+def ids(batches):
+    return [ex["row_id"] for b in batches for ex in b]
+
+
+@pytest.fixture
+def three_subsets(tmp_path):
+    return make_train(tmp_path / "train", {"A": 13, "B": 7, "C": 5}, shards=2)
+
+
+def stream(root, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("num_hardneg", 1)
+    return TrainStream(str(root), **kw)
+
+
+# ---------------------------------------------------------------- examples
+def test_example_format(three_subsets):
+    batches = list(stream(three_subsets, subsets=["A"]).one_pass())
+    assert [len(b) for b in batches] == [4, 4, 4, 1]
+    ex = {e["row_id"]: e for b in batches for e in b}
+    img_qry, txt_qry = ex["A:0"], ex["A:1"]
+    assert set(img_qry) == {"subset", "row_id", "qry_text", "qry_image", "pos_text", "pos_image", "neg_texts",
+                            "neg_images"}
+    assert img_qry["subset"] == "A" and img_qry["qry_image"].mode == "RGB" and img_qry["pos_image"] is None
+    assert img_qry["pos_text"] == "label 0" and img_qry["neg_texts"] == ["wrong label 0"]
+    assert img_qry["neg_images"] == [None]
+    assert txt_qry["qry_image"] is None and txt_qry["pos_image"].size == (40, 40)
+    assert txt_qry["neg_texts"] == [f"{PH}\nRepresent the given image.\n"] and txt_qry["neg_images"][0] is not None
+
+
+def test_num_hardneg_zero_gives_no_negatives(three_subsets):
+    batches = list(stream(three_subsets, subsets=["B"], num_hardneg=0).one_pass())
+    assert all(ex["neg_texts"] == [] and ex["neg_images"] == [] for b in batches for ex in b)
+
+
+def test_target_instruction_applied_to_documents(three_subsets):
+    s = stream(three_subsets, subsets=["A"], target_instruction={"default": {"text": "TXT:", "image": "IMG:"}},
+               shuffle_buffer=0)
+    ex = {e["row_id"]: e for b in s.one_pass() for e in b}
+    assert ex["A:0"]["pos_text"] == "TXT: label 0" and ex["A:0"]["neg_texts"] == ["TXT: wrong label 0"]
+    assert ex["A:1"]["pos_text"] == f"{PH}\nIMG: Represent the given image."
+    assert ex["A:1"]["qry_text"].startswith("Find me")  # queries untouched
+
+
+# ---------------------------------------------------------------- sharding and mixing
+def test_exact_partition_world2_workers2(three_subsets):
+    s = stream(three_subsets, shuffle_buffer=3)
+    got = [ids(s.one_pass(rank=r, world_size=2, worker_id=w, num_workers=2)) for r in range(2) for w in range(2)]
+    everything = sorted(x for part in got for x in part)
+    expected = sorted([f"A:{i}" for i in range(13)] + [f"B:{i}" for i in range(7)] + [f"C:{i}" for i in range(5)])
+    assert everything == expected  # each row exactly once
+    assert all(len(part) >= 5 for part in got)
+    # shard s = rank * num_workers + worker keeps global row i with i % 4 == s
+    assert all(int(x.split(":")[1]) % 4 == 1 for x in got[1])
+
+
+def test_exact_partition_real_dataloader_workers(three_subsets):
+    seen = []
+    for rank in range(2):
+        s = stream(three_subsets, rank=rank, world_size=2, infinite=False)
+        loader = DataLoader(s, batch_size=None, num_workers=2, collate_fn=lambda b: [ex["row_id"] for ex in b])
+        seen += [x for batch in loader for x in batch]
+    assert len(seen) == 25 and len(set(seen)) == 25
+
+
+def test_caps(three_subsets):
+    got = ids(stream(three_subsets, caps={"A": 4, "B": 0}).one_pass())
+    assert sorted(x for x in got if x.startswith("A")) == ["A:0", "A:1", "A:2", "A:3"]
+    assert not any(x.startswith("B") for x in got) and sum(x.startswith("C") for x in got) == 5
+    with pytest.raises(ValueError, match="unknown subset"):
+        stream(three_subsets, caps={"Z": 3})
+
+
+def test_seeded_shuffle(three_subsets):
+    a = ids(stream(three_subsets, seed=1, shuffle_buffer=8).one_pass())
+    b = ids(stream(three_subsets, seed=1, shuffle_buffer=8).one_pass())
+    c = ids(stream(three_subsets, seed=2, shuffle_buffer=8).one_pass())
+    assert a == b and a != c and sorted(a) == sorted(c)
+
+
+def test_homogeneous_batches(three_subsets):
+    batches = list(stream(three_subsets, homogeneous=True).one_pass())
+    assert all(len({ex["subset"] for ex in b}) == 1 for b in batches)
+    assert len(ids(batches)) == 25
+    mixed = list(stream(three_subsets, homogeneous=False, seed=3).one_pass())
+    assert any(len({ex["subset"] for ex in b}) > 1 for b in mixed)
+
+
+def test_infinite_stream_full_batches_same_subset_sequence_on_all_ranks(three_subsets):
+    def first(rank, n=12):
+        it = iter(stream(three_subsets, homogeneous=True, rank=rank, world_size=2))
+        return [next(it) for _ in range(n)]
+
+    r0, r1 = first(0), first(1)
+    assert all(len(b) == 4 for b in r0 + r1)  # beyond one pass (25 rows / 2 ranks), still full
+    assert [b[0]["subset"] for b in r0] == [b[0]["subset"] for b in r1]  # global batch = one subset
+    assert not set(ids(r0)) & set(ids(r1))  # ranks never share a row in the first pass
+    assert len(ids(r0)) > 13
+
+
+def test_weights_steer_the_mix(three_subsets):
+    def share_of_a(weights):
+        it = iter(stream(three_subsets, weights=weights, seed=5))
+        counts = Counter(ex["subset"] for _ in range(20) for ex in next(it))
+        return counts["A"] / sum(counts.values())
+
+    assert share_of_a({"A": 8, "B": 1, "C": 1}) > 0.65
+    assert share_of_a({"A": 1, "B": 8, "C": 8}) < 0.2
+    default = stream(three_subsets)
+    assert default.weights == {"A": 13.0, "B": 7.0, "C": 5.0}  # proportional to rows
+    with pytest.raises(ValueError, match="weights"):
+        stream(three_subsets, weights={"A": 0, "B": 1, "C": 1})
+
+
+# ---------------------------------------------------------------- hard negatives
+@pytest.fixture
+def with_hardneg(tmp_path):
+    train = tmp_path / "train"
+    rows = [train_row(f"q{i}", "", f"pos{i}", "", f"inrow{i}", "") for i in range(4)]
+    write_parquet(train, "H", "original", rows)
+    write_card(train, ["H"], "original")
+    hn_root = tmp_path / "hn_images"
+    save_png(hn_root, "images/H/neg3a.png")
+    save_png(hn_root, "images/H/neg3b.png")
+    hard = [
+        dict(rows[0], neg_text="['', 'n1', 'n2']", neg_image_path="['', '', '']"),
+        dict(rows[1], neg_text="['pos1', 'm1', 'm2', 'm3']", neg_image_path="[]"),  # positive as negative: dropped
+        dict(rows[3], neg_text=f"['{PH}', '{PH}']", neg_image_path="['images/H/neg3a.png', 'images/H/neg3b.png']"),
+    ]  # row 2 has no entry: its in-row negative is used
+    write_parquet(tmp_path / "hardneg", "H", "original", hard[::-1])
+    return train, tmp_path / "hardneg", hn_root
+
+
+def test_hard_negatives_from_source(with_hardneg):
+    train, hardneg, hn_root = with_hardneg
+    s = stream(train, hardneg_path=str(hardneg), hardneg_image_root=str(hn_root), num_hardneg=2, on_bad_row="skip")
+    ex = {e["row_id"]: e for b in s.one_pass() for e in b}
+    assert ex["H:0"]["neg_texts"] == ["n1", "n2"]  # empty first entry replaced by the next
+    assert ex["H:1"]["neg_texts"] == ["m1", "m2"]
+    assert ex["H:3"]["neg_texts"] == [PH, PH] and all(im is not None for im in ex["H:3"]["neg_images"])
+    assert "H:2" not in ex and s.bad_rows == {"H": {"missing negatives": 1}}  # in-row gives only 1 of 2
+    one = stream(train, hardneg_path=str(hardneg), hardneg_image_root=str(hn_root), num_hardneg=1)
+    ex = {e["row_id"]: e for b in one.one_pass() for e in b}
+    assert ex["H:2"]["neg_texts"] == ["inrow2"] and ex["H:0"]["neg_texts"] == ["n1"]
+
+
+def test_without_hardneg_source_in_row_negatives(with_hardneg):
+    train, _, _ = with_hardneg
+    ex = {e["row_id"]: e for b in stream(train).one_pass() for e in b}
+    assert [ex[f"H:{i}"]["neg_texts"] for i in range(4)] == [[f"inrow{i}"] for i in range(4)]
+
+
+# ---------------------------------------------------------------- bad rows
+def _bad_dataset(tmp_path, kind):
+    """Subset 'S' of 5 good rows, row 3 bad in the given way. Returns (root, file expected in the message)."""
+    root = tmp_path / "train"
+    img = save_png(root, "images/S/ok.png")
+    rows = [train_row(f"{PH} query {i}", img, f"pos {i}", "", f"neg {i}", "") for i in range(5)]
+    file = "original-00000-of-00001.parquet"
+    if kind == "missing image":
+        rows[3]["qry_image_path"], file = "images/S/gone.png", "images/S/gone.png"
+    elif kind == "unreadable image":
+        (root / "images/S/broken.png").write_bytes(b"\x89PNG garbage")
+        rows[3]["pos_text"], rows[3]["pos_image_path"], file = PH, "images/S/broken.png", "images/S/broken.png"
+    elif kind == "empty query":
+        rows[3]["qry"], rows[3]["qry_image_path"] = "  ", ""
+    elif kind == "empty document":
+        rows[3]["pos_text"] = ""
+    elif kind == "placeholder mismatch":
+        rows[3]["qry_image_path"] = ""  # text keeps its <|image_1|>
+    elif kind == "missing negatives":
+        rows[3]["neg_text"] = ""
+    elif kind == "bad negative list":
+        rows[3]["neg_text"], rows[3]["neg_image_path"] = "['a']", "['x.png', "
+    write_parquet(root, "S", "original", rows)
+    return root, file
+
+
+BAD_KINDS = ["missing image", "unreadable image", "empty query", "empty document", "placeholder mismatch",
+             "missing negatives", "bad negative list"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_row_raise_names_subset_row_and_file(tmp_path, kind):
+    root, file = _bad_dataset(tmp_path, kind)
+    with pytest.raises(DataError) as e:
+        list(stream(root, on_bad_row="raise").one_pass())
+    msg = str(e.value)
+    assert "'S'" in msg and "row 3" in msg and kind in msg and file in msg, msg
+    assert "on_bad_row='skip'" in msg
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_row_skip_counts(tmp_path, kind, caplog):
+    root, _ = _bad_dataset(tmp_path, kind)
+    s = stream(root, on_bad_row="skip", batch_size=2)
+    batches = list(s.one_pass())
+    assert sorted(ids(batches)) == ["S:0", "S:1", "S:2", "S:4"]
+    assert s.bad_rows == {"S": {kind: 1}}
+    attached = Counter()
+    for b in batches:
+        for subset, counts in b.bad_rows.items():
+            attached.update({(subset, r): n for r, n in counts.items()})
+    assert attached == {("S", kind): 1}  # reaches the main process with the batches
+    assert any("row 3" in r.getMessage() and kind in r.getMessage() for r in caplog.records)
+
+
+def test_bad_row_counted_once_over_passes(tmp_path):
+    root, _ = _bad_dataset(tmp_path, "missing image")
+    s = stream(root, on_bad_row="skip", batch_size=3)
+    it = iter(s)  # infinite: 4 good rows per pass, 8 batches = 6 passes
+    seen = [next(it) for _ in range(8)]
+    assert all(len(b) == 3 for b in seen) and s.bad_rows == {"S": {"missing image": 1}}
+    assert sum(sum(c.values()) for b in seen for c in b.bad_rows.values()) == 1
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_missing_subset_and_column_raise_under_both_policies(tmp_path, policy):
+    root = make_train(tmp_path / "train", {"S": 2})
+    with pytest.raises(DataError, match="no subset 'Nope'"):
+        stream(root, subsets=["S", "Nope"], on_bad_row=policy)
+    write_parquet(root, "Cols", "original", [{"qry": "q", "pos_text": "p"}])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['qry_image_path'"):
+        list(stream(root, subsets=["Cols"], on_bad_row=policy).one_pass())
+
+
+def test_argument_validation(three_subsets):
+    with pytest.raises(ValueError, match="on_bad_row"):
+        stream(three_subsets, on_bad_row="ignore")
+    with pytest.raises(ValueError, match="num_hardneg"):
+        stream(three_subsets, num_hardneg=-1)
+    with pytest.raises(ValueError, match="rank"):
+        stream(three_subsets, rank=2, world_size=2)
