@@ -63,10 +63,18 @@ def wandb_mode(requested: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None = None):
+def build_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None = None) -> list:
+    """The chosen logger plus the local history.jsonl writer (always on)."""
+    from .history import JsonlLogger
+
+    chosen = _chosen_logger(cfg, run_dir, run_name, group)
+    return [JsonlLogger(run_dir)] + ([chosen] if chosen else [])
+
+
+def _chosen_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None):
     name = cfg.logger.name
     if name == "none":
-        return False
+        return None
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
