@@ -161,6 +161,118 @@ def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int,
     return res
 
 
+def count_tokens(batch: dict) -> int:
+    return int(sum(batch[s]["lengths"].sum() for s in ("qry", "pos", "neg") if batch.get(s) is not None))
+
+
+def step_flops(bb: Backbone, model: ReMatchModel, batch: dict, n_tokens: int, gc_recompute: bool) -> float:
+    """Model FLOPs of one training step (LoRA: no weight gradients for frozen matrices).
+
+    LLM: 2 * N_llm * tokens per forward; the backward pass computes input gradients only
+    (another 2 * N_llm * tokens), gradient checkpointing recomputes one forward, GradCache adds
+    one more no-grad forward of the embedding passes; attention adds 4 * layers * d * ctx per
+    token per forward. Vision tower (frozen, no gradient): one forward, 2 * N_vis * patches.
+    LoRA's own FLOPs (rank r) are counted in N_llm's adapter share and are negligible.
+    """
+    hf = bb.hf
+    n_llm = sum(p.numel() for n, p in hf.model.language_model.named_parameters() if "embed_tokens" not in n)
+    n_vis = sum(p.numel() for p in hf.model.visual.parameters())
+    cfg = hf.config.text_config
+    patches = int(batch["image_grid_thw"].prod(-1).sum())
+    ctx = n_tokens  # upper bound of attention context per token is its row length; approximated by mean row length
+    rows = sum(batch[s]["ids"].shape[0] for s in ("qry", "pos", "neg") if batch.get(s) is not None)
+    mean_len = n_tokens / max(rows, 1)
+    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * mean_len / 2  # causal: half the context on average
+    fwd = (2 * n_llm + attn) * n_tokens
+    passes = 2 + (1 if hf.is_gradient_checkpointing else 0)
+    return fwd * passes + 2 * n_vis * patches
+
+
+def matmul_peak_tflops(device: str) -> float:
+    """Measured bf16 matrix-product throughput of the card (8192^3), in TFLOP/s."""
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t = timeit(lambda: a @ b, device, warmup=3, iters=10)
+    return 2 * 8192**3 / t / 1e12
+
+
+def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
+                chunk: int) -> dict:
+    """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache."""
+    from .gradcache import gradcache_step
+
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, device, dtype)
+    variants = {
+        "baseline": dict(k=0, matching="none", template="plain"),
+        "rematch": dict(k=16, matching="all", template="chat"),
+        "rematch_feat_feat": dict(k=16, matching="feat_feat", template="chat"),
+        "rematch_no_matching": dict(k=16, matching="none", template="chat"),
+    }
+    peak = matmul_peak_tflops(device)
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+           "image_size": image_size, "matmul_peak_tflops": peak, "runs": []}
+    for B in batches:
+        batch = make_batch(bb.processor, B, image_size, device)
+        for name, kw in variants.items():
+            for gc in ([None, chunk] if chunk and B > chunk else [None]):
+                if gc is not None and name not in ("baseline", "rematch"):
+                    continue
+                model = ReMatchModel(bb, **kw).to(device).train()
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=1e-5)
+
+                def run():
+                    if gc is None:
+                        model(batch)["loss"].backward()
+                    else:
+                        gradcache_step(model, batch, gc, backward=lambda t: t.backward())
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                row = {"variant": name, "batch": B, "gradcache_chunk": gc}
+                try:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    t = timeit(run, device, warmup=1, iters=iters)
+                    n_tok = count_tokens(batch)
+                    row.update(step_s=t, samples_per_s=B / t, tokens_per_s=n_tok / t)
+                    if device == "cuda":
+                        row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                        # matching pass tokens ~ the embedding tokens for 8 views (see method notes)
+                        factor = {"rematch": 2.0, "rematch_feat_feat": 1.1}.get(name, 1.0)
+                        flops = step_flops(bb, model, batch, int(n_tok * factor), False) + (
+                            2 * 0 if gc is None else 0)
+                        row["mfu"] = flops / t / (peak * 1e12)
+                except torch.OutOfMemoryError:
+                    row["oom"] = True
+                    opt.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                res["runs"].append(row)
+                print(_fmt_row(row), flush=True)
+                del model, opt
+    base = {r["batch"]: r for r in res["runs"] if r["variant"] == "baseline" and r["gradcache_chunk"] is None
+            and "step_s" in r}
+    nm = {r["batch"]: r for r in res["runs"] if r["variant"] == "rematch_no_matching" and "step_s" in r}
+    for r in res["runs"]:
+        if "step_s" in r and r["batch"] in base:
+            r["ratio_to_baseline"] = r["step_s"] / base[r["batch"]]["step_s"]
+        if "step_s" in r and r["batch"] in nm and r["variant"] == "rematch_feat_feat":
+            r["ratio_to_no_matching"] = r["step_s"] / nm[r["batch"]]["step_s"]
+    return res
+
+
+def _fmt_row(r: dict) -> str:
+    if r.get("oom"):
+        return f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} OOM"
+    extra = f" peak {r['peak_mem_gb']:.1f} GiB MFU {r['mfu'] * 100:.1f}%" if "peak_mem_gb" in r else ""
+    return (f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} step {r['step_s'] * 1e3:8.1f} ms "
+            f"{r['samples_per_s']:8.1f} samples/s {r['tokens_per_s']:10.0f} tok/s{extra}")
+
+
 def print_table(res: dict) -> None:
     rows = [
         ("(a) packed 8-view matching pass", f"{res['a_packed_s'] * 1e3:.1f} ms"),
@@ -181,7 +293,9 @@ def print_table(res: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["matching"], default="matching")
+    ap.add_argument("--suite", choices=["matching", "train"], default="matching")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes for --suite train")
+    ap.add_argument("--chunk", type=int, default=4, help="GradCache chunk size for --suite train (0: off)")
     ap.add_argument("--shape", choices=["tiny", "2b", "7b"], default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="fp32 (CPU default) or bf16 (GPU default)")
@@ -192,8 +306,19 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
-    res = suite_matching(a.shape, a.device, dtype, a.batch, image_size, a.iters)
-    print_table(res)
+    if a.suite == "train":
+        batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
+        print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}")
+        res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk)
+        for r in res["runs"]:
+            if "ratio_to_baseline" in r:
+                print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "
+                      f"{r['ratio_to_baseline']:.2f}x")
+            if "ratio_to_no_matching" in r:
+                print(f"  ratio feat_feat / no matching at B={r['batch']}: {r['ratio_to_no_matching']:.2f}x")
+    else:
+        res = suite_matching(a.shape, a.device, dtype, a.batch, image_size, a.iters)
+        print_table(res)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2))

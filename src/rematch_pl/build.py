@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone.model import Backbone, load_backbone
@@ -37,13 +39,15 @@ def build_model(cfg: DictConfig, backbone: Backbone) -> ReMatchModel:
     )
 
 
-def build_module(cfg: DictConfig, model: ReMatchModel) -> ReMatchModule:
+def build_module(cfg: DictConfig, model: ReMatchModel, run_dir: Path | None = None) -> ReMatchModule:
+    rows_log = str(run_dir / "rows_rank{rank}.jsonl") if (run_dir is not None and cfg.train.log_rows) else None
     o = cfg.optimizer
     return ReMatchModule(model, lr=o.lr * o.get("lr_scale", 1.0), weight_decay=o.weight_decay, betas=tuple(o.betas),
                          warmup_steps=o.warmup_steps, scheduler=o.scheduler, max_steps=cfg.trainer.max_steps,
                          min_lr_ratio=o.min_lr_ratio, gradcache_chunk=cfg.train.gradcache.chunk_size,
                          gradient_clip_val=cfg.trainer.gradient_clip_val,
-                         max_nonfinite_steps=cfg.train.max_nonfinite_steps)
+                         max_nonfinite_steps=cfg.train.max_nonfinite_steps, seed=cfg.seed,
+                         rows_log=rows_log)
 
 
 def build_datamodule(cfg: DictConfig, processor):
@@ -105,6 +109,24 @@ def build_strategy(cfg: DictConfig):
     return s.name
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed: a kill while saving never
+    leaves a corrupt checkpoint (the previous one stays intact)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -120,5 +142,5 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()):
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar, logger=logger, callbacks=[ckpt, *callbacks],
         strategy=build_strategy(cfg), default_root_dir=str(run_dir), num_sanity_val_steps=0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )

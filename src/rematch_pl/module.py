@@ -19,8 +19,11 @@ class ReMatchModule(L.LightningModule):
     def __init__(self, model: ReMatchModel, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "cosine",
                  max_steps: int = 1000, min_lr_ratio: float = 0.0, gradcache_chunk: int | None = None,
-                 gradient_clip_val: float | None = None, max_nonfinite_steps: int = 10):
+                 gradient_clip_val: float | None = None, max_nonfinite_steps: int = 10, seed: int = 0,
+                 rows_log: str | None = None):
         super().__init__()
+        self.seed = seed
+        self.rows_log = rows_log
         self.gradcache_chunk = gradcache_chunk
         self.automatic_optimization = gradcache_chunk is None  # GradCache runs its own backward passes
         self.clip_val = gradient_clip_val
@@ -70,6 +73,17 @@ class ReMatchModule(L.LightningModule):
         return self.all_gather(x, sync_grads=True)
 
     def on_train_batch_start(self, batch, batch_idx):
+        # Every step's randomness (slot of d+, dropout) is a function of (seed, step, rank) alone,
+        # so a resumed run repeats the uninterrupted one exactly, whatever ran in between.
+        torch.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        if self.rows_log:
+            import json
+            from pathlib import Path
+
+            path = Path(self.rows_log.format(rank=self.global_rank))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"step": self.global_step, "rows": list(batch.get("row_id", []))}) + "\n")
         self._t_step = time.perf_counter()
 
     def _all_finite(self, loss: torch.Tensor) -> bool:

@@ -50,7 +50,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.backbone)
     model = build_model(cfg, backbone)
-    module = build_module(cfg, model)
+    module = build_module(cfg, model, run_dir)
     dm = build_datamodule(cfg, backbone.processor)
     logger = build_logger(cfg, run_dir, run_name, group)
     trainer = build_trainer(cfg, run_dir, logger)
@@ -102,18 +102,10 @@ def print_summary(s: dict) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    # Run name/group; in a multirun: failures recorded (the sweep goes on), DDP jobs in their own process.
+    from .sweep import run_task
 
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    name = cfg.experiment_name
-    group = None
-    if hc.mode == RunMode.MULTIRUN:
-        name = f"{name}[{hc.job.override_dirname}]" if hc.job.override_dirname else name
-        group = Path(hc.sweep.dir).name
-    summary = run(cfg, run_dir, name, group)
-    return summary["val"].get("val/hit@1")
+    return run_task(cfg, run)
 
 
 if __name__ == "__main__":

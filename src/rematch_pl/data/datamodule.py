@@ -214,9 +214,24 @@ class MMEBDataModule(pl.LightningDataModule):
             seed=self.seed, shuffle_buffer=self.shuffle_buffer, on_bad_row=self.on_bad_row,
             rank=rank, world_size=world)
 
+    # ------------------------------------------------------------------ exact resume
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: how many training batches this rank has consumed."""
+        consumed = 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            consumed = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+        return {"train_batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume the training stream skips the batches consumed before the checkpoint."""
+        self._resume_skip = int(state.get("train_batches_consumed", 0))
+
     def train_dataloader(self) -> DataLoader:
         collate = TrainCollator(self._require_processor(), self.max_length)
-        return DataLoader(self.train_stream(), batch_size=None, collate_fn=collate, num_workers=self.num_workers,
+        stream = self.train_stream()
+        stream.skip_batches = getattr(self, "_resume_skip", 0)
+        return DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):

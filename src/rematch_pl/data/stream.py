@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rematch_pl.data.images import load_image, make_processor_safe
@@ -164,6 +165,8 @@ class TrainStream(IterableDataset):
         self._pending_bad: dict[str, Counter] = {}
         self._bad_seen: set[tuple[str, int]] = set()
         self._hardneg: dict[str, HardNegativeIndex] = {}
+        self.skip_batches = 0  # batches of this rank already consumed (exact resume)
+        self._skipping = False
 
     # ------------------------------------------------------------------ config
     def _per_subset(self, values: Mapping | None, name: str, minimum: float) -> dict:
@@ -227,9 +230,32 @@ class TrainStream(IterableDataset):
         return r * num_workers + worker_id, w * num_workers
 
     def __iter__(self) -> Iterator[ExampleBatch]:
-        """Infinite batches (``infinite=True``, for training) or one pass (``infinite=False``)."""
-        shard, num_shards = self._shard()
-        return self._batches(shard, num_shards, infinite=self.infinite)
+        """Infinite batches (``infinite=True``, for training) or one pass (``infinite=False``).
+
+        With ``skip_batches = n`` (resume), the first n batches of this rank are skipped: the
+        DataLoader takes batch j from worker ``j % num_workers``, so worker w skips the batches
+        j < n with ``j % num_workers == w``. Skipped batches are composed exactly as before
+        (images are only opened, not decoded), so the stream continues where it stopped.
+        """
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = int(self.skip_batches)
+        # After n batches the DataLoader still starts with worker 0, but batch n belongs to
+        # original worker n % num_workers: worker w continues the stream of worker (w + n) % num_workers.
+        origin = (worker_id + n) % num_workers
+        shard, num_shards = self._shard(worker_id=origin, num_workers=num_workers)
+        own_skip = (n - origin + num_workers - 1) // num_workers if n > origin else 0
+        return self._skipped(self._batches(shard, num_shards, infinite=self.infinite), own_skip)
+
+    def _skipped(self, batches: Iterator[ExampleBatch], k: int) -> Iterator[ExampleBatch]:
+        if k:
+            self._skipping = True
+            try:
+                for _ in range(k):
+                    next(batches)
+            finally:
+                self._skipping = False
+        yield from batches
 
     def one_pass(self, rank: int | None = None, world_size: int | None = None, worker_id: int | None = None,
                  num_workers: int | None = None) -> Iterator[ExampleBatch]:
@@ -372,6 +398,13 @@ class TrainStream(IterableDataset):
             return None
         if not os.path.isfile(path):
             raise _BadRow("missing image", "no such file", path)
+        if self._skipping:  # fast-forward on resume: header check only, no decoding
+            try:
+                with Image.open(path) as im:
+                    im.size  # noqa: B018
+                return None
+            except Exception as e:
+                raise _BadRow("unreadable image", f"{type(e).__name__}: {e}", path) from e
         try:
             return make_processor_safe(load_image(path), self.image_patch, self.max_ratio)
         except Exception as e:  # decoders raise all sorts: OSError, ValueError, SyntaxError, ...

@@ -1,0 +1,80 @@
+"""End to end through the real entry point (`python -m rematch_pl.train`) in a subprocess, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rematch_pl.history import read_history
+
+ENV = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+
+
+def train(run_dir: Path, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rematch_pl.train", f"hydra.run.dir={run_dir}", *overrides]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=run_dir.parent)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+@pytest.mark.slow
+def test_main_job_learns_and_writes_summary(tmp_path):
+    run = tmp_path / "run"
+    res = train(run, "trainer.max_steps=60", "trainer.val_check_interval=60", "trainer.checkpoint_every_n_steps=60",
+                "data.eval.max_queries=40", "logger=csv")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 60
+    val = summary["val"]
+    assert val["val/hit@1"] > 2 * val["val/chance@1"], val  # clearly above chance after 60 steps
+    for key in ("wall_time_s", "samples_per_s", "peak_memory_gb"):
+        assert summary[key] > 0
+    assert {"loss", "loss_cl", "loss_orth", "loss_qdm"} <= set(summary["last_loss"])
+    hist = [r for r in read_history(run) if "train/loss_cl" in r]
+    first = sum(r["train/loss_cl"] for r in hist[:5]) / 5
+    last = sum(r["train/loss_cl"] for r in hist[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    for key in ("train/loss", "train/loss_orth", "train/loss_qdm", "train/acc_qdm", "train/lr", "perf/samples_per_s",
+                "perf/tokens_per_s"):
+        assert any(key in r for r in hist), key
+    assert (run / "adapter" / "rematch_modules.safetensors").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert "val Hit@1" in res.stdout and "chance" in res.stdout
+
+
+def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
+    run = tmp_path / "run"
+    train(run, "debug=fast", "logger=wandb")
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    cfg = (runs[0] / "files" / "config.yaml").read_text()
+    # nested keys, not "fusion/k" or "fusion.k" flattened ones
+    assert "fusion:" in cfg and "fusion.k" not in cfg and "fusion/k" not in cfg
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path):
+    res = train(tmp_path / "run", "fusion.k=100", check=False, timeout=120)
+    assert res.returncode != 0
+    assert "fusion.k" in res.stderr + res.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cfg_job_prints_config(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "rematch_pl.train", "--cfg", "job", "fusion.k=8"], env=ENV,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and "k: 8" in res.stdout
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains(tmp_path):
+    """strategy=ddp with 2 CPU processes (gloo): runs through the entry point, documents gathered across ranks."""
+    run = tmp_path / "run"
+    train(run, "debug=fast", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=csv",
+          "data.batch_size=4")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert 0.0 <= summary["val"]["val/hit@1"] <= 1.0
