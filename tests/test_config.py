@@ -25,7 +25,7 @@ def test_groups_exist():
 
 
 @pytest.mark.parametrize("group_option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts
-                                          if g not in ("experiment",)])
+                                          if g not in ("experiment", "eval")])  # eval: conf/eval.yaml
 def test_every_group_option_composes_and_validates(group_option, tmp_path):
     g, o = group_option
     over = [f"{g}={o}", f"paths.output_root={tmp_path}"]

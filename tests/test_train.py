@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rematch_pl.history import read_history
+from wandbutil import offline_wandb_runs
 
 ENV = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
 
@@ -48,11 +49,12 @@ def test_main_job_learns_and_writes_summary(tmp_path):
 def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
     run = tmp_path / "run"
     train(run, "debug=fast", "logger=wandb")
-    runs = list((run / "wandb").glob("offline-run-*"))
+    runs = offline_wandb_runs(run)
     assert len(runs) == 1
-    cfg = (runs[0] / "files" / "config.yaml").read_text()
-    # nested keys, not "fusion/k" or "fusion.k" flattened ones
-    assert "fusion:" in cfg and "fusion.k" not in cfg and "fusion/k" not in cfg
+    cfg = runs[0]["config"]
+    # the resolved config, nested (not "fusion/k" or "fusion.k" flattened keys)
+    assert cfg["fusion"]["k"] == 16 and cfg["backbone"]["lora"]["r"] == 32
+    assert not any("/" in k or "." in k for k in cfg if not k.startswith("_"))
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
@@ -78,3 +80,28 @@ def test_two_process_ddp_trains(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4
     assert 0.0 <= summary["val"]["val/hit@1"] <= 1.0
+
+
+def _loss_curve(run_dir):
+    out = {}
+    for r in read_history(run_dir):
+        if "train/loss" in r:
+            out[r["step"]] = r["train/loss"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp", [False, True])
+def test_gradcache_training_equals_unchunked(tmp_path, ddp):
+    """Through the real entry point: the loss curve (which depends on every update) is the same with
+    GradCache in chunks of 2 as without, on one process and on 2-process DDP (gloo)."""
+    common = ["debug=fast", "trainer.max_steps=3", "trainer.limit_val_batches=0", "logger=csv", "data.batch_size=4",
+              "trainer.log_every_n_steps=1"]
+    if ddp:
+        common += ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    train(tmp_path / "plain", *common)
+    train(tmp_path / "gc", *common, "train.gradcache.chunk_size=2")
+    plain, gc = _loss_curve(tmp_path / "plain"), _loss_curve(tmp_path / "gc")
+    assert sorted(plain) == sorted(gc) == [0, 1, 2]
+    for step in plain:
+        assert gc[step] == pytest.approx(plain[step], abs=1e-5), (step, plain, gc)

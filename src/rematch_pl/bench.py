@@ -50,6 +50,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32) -> Ba
     sec = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
     text = dict(base.text_config.to_dict(), **s["text"], vocab_size=151936,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sec})
+    text.pop("layer_types", None)  # the tiny config's per-layer list has the tiny depth: derive it from the new one
     vision = dict(base.vision_config.to_dict(), **s["vision"], hidden_size=s["text"]["hidden_size"])
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=base.image_token_id,
                         video_token_id=base.video_token_id, vision_start_token_id=base.vision_start_token_id,
@@ -161,31 +162,31 @@ def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int,
     return res
 
 
-def count_tokens(batch: dict) -> int:
-    return int(sum(batch[s]["lengths"].sum() for s in ("qry", "pos", "neg") if batch.get(s) is not None))
+def step_flops(bb: Backbone, counts: dict, patches: int, gradcache: bool) -> float:
+    """FLOPs executed by one training step, from the token counts the model recorded.
 
-
-def step_flops(bb: Backbone, model: ReMatchModel, batch: dict, n_tokens: int, gc_recompute: bool) -> float:
-    """Model FLOPs of one training step (LoRA: no weight gradients for frozen matrices).
-
-    LLM: 2 * N_llm * tokens per forward; the backward pass computes input gradients only
-    (another 2 * N_llm * tokens), gradient checkpointing recomputes one forward, GradCache adds
-    one more no-grad forward of the embedding passes; attention adds 4 * layers * d * ctx per
-    token per forward. Vision tower (frozen, no gradient): one forward, 2 * N_vis * patches.
-    LoRA's own FLOPs (rank r) are counted in N_llm's adapter share and are negligible.
+    Per token of a pass the LLM does 2 * N_llm (matrix products) + 2 * layers * d * ctx
+    (attention scores and values; ctx summed exactly as sum(len^2) / 2 under the causal mask)
+    FLOPs forward. LoRA: frozen weights get no weight gradient, so the backward pass costs one
+    more forward (input gradients only); gradient checkpointing recomputes one forward; GradCache
+    adds one no-grad forward of the embedding passes. The frozen vision tower runs one forward
+    per image (2 * N_vis per patch). Recomputation is included (this is hardware FLOP
+    utilisation); LoRA's rank-r matrices are included in N_llm.
     """
     hf = bb.hf
     n_llm = sum(p.numel() for n, p in hf.model.language_model.named_parameters() if "embed_tokens" not in n)
     n_vis = sum(p.numel() for p in hf.model.visual.parameters())
     cfg = hf.config.text_config
-    patches = int(batch["image_grid_thw"].prod(-1).sum())
-    ctx = n_tokens  # upper bound of attention context per token is its row length; approximated by mean row length
-    rows = sum(batch[s]["ids"].shape[0] for s in ("qry", "pos", "neg") if batch.get(s) is not None)
-    mean_len = n_tokens / max(rows, 1)
-    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * mean_len / 2  # causal: half the context on average
-    fwd = (2 * n_llm + attn) * n_tokens
+    attn_coeff = 2 * cfg.num_hidden_layers * cfg.hidden_size  # per (query, key) pair: QK^T and AV, 2 FLOPs each
+
+    def fwd(kind):
+        return 2 * n_llm * counts.get(kind, 0) + attn_coeff * counts.get(f"{kind}_attn", 0)  # attn: len^2 / 2 * 2
+
     passes = 2 + (1 if hf.is_gradient_checkpointing else 0)
-    return fwd * passes + 2 * n_vis * patches
+    total = passes * (fwd("embed") + fwd("match")) + 2 * n_vis * patches
+    if gradcache:  # the embed counts hold the no-grad pass and the re-forward (half each): the no-grad
+        total -= (passes - 1) * fwd("embed") / 2  # half runs forward only: (1 + passes) / 2 * fwd("embed")
+    return total
 
 
 def matmul_peak_tflops(device: str) -> float:
@@ -225,6 +226,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                 opt = torch.optim.AdamW(params, lr=1e-5)
 
                 def run():
+                    model.reset_counts()
                     if gc is None:
                         model(batch)["loss"].backward()
                     else:
@@ -238,15 +240,15 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                     t = timeit(run, device, warmup=1, iters=iters)
-                    n_tok = count_tokens(batch)
+                    counts = dict(model.token_counts)  # of the last timed step
+                    n_tok = counts.get("embed", 0) + counts.get("match", 0)
                     row.update(step_s=t, samples_per_s=B / t, tokens_per_s=n_tok / t)
                     if device == "cuda":
                         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                        # matching pass tokens ~ the embedding tokens for 8 views (see method notes)
-                        factor = {"rematch": 2.0, "rematch_feat_feat": 1.1}.get(name, 1.0)
-                        flops = step_flops(bb, model, batch, int(n_tok * factor), False) + (
-                            2 * 0 if gc is None else 0)
-                        row["mfu"] = flops / t / (peak * 1e12)
+                        patches = int(batch["image_grid_thw"].prod(-1).sum())
+                        row["tflops_per_step"] = step_flops(bb, counts, patches, gc is not None) / 1e12
+                        row["mfu"] = row["tflops_per_step"] / t / peak
+                    row["tokens"] = counts
                 except torch.OutOfMemoryError:
                     row["oom"] = True
                     opt.zero_grad(set_to_none=True)

@@ -51,6 +51,7 @@ class ReMatchModel(nn.Module):
                                                                                   generator=torch.Generator().manual_seed(1))
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
+        self.token_counts: dict[str, int] = {}
         self.template = template
         self.temperature = temperature
         self.w_orth = w_orth if orthogonality else 0.0
@@ -61,6 +62,17 @@ class ReMatchModel(nn.Module):
             tokenize=False, add_generation_prompt=True)
         pre, post = chat.split("\x00")
         self.chat_prefix, self.chat_suffix = proc.tokenize(pre), proc.tokenize(post)
+
+    def _count(self, kind: str, packed) -> None:
+        """Token counts of the passes since the last `reset_counts` (throughput and FLOP figures)."""
+        c = self.token_counts
+        c[kind] = c.get(kind, 0) + int(packed.lengths.sum())
+        c[f"{kind}_padded"] = c.get(f"{kind}_padded", 0) + packed.segment_ids.numel()
+        c[f"{kind}_attn"] = c.get(f"{kind}_attn", 0) + int((packed.lengths.float() ** 2).sum())
+
+    def reset_counts(self) -> dict:
+        out, self.token_counts = dict(self.token_counts), {}
+        return out
 
     # ------------------------------------------------------------------ embedding passes
     @staticmethod
@@ -93,6 +105,7 @@ class ReMatchModel(nn.Module):
             sides += [side] * len(contents)
         bb = self.backbone
         packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
+        self._count("embed", packed)
         attn = (packed.segment_ids >= 0).long()  # [N, L]
         hidden = bb(packed, attn)  # [N, L, d]
         out, i = [], 0
@@ -117,6 +130,7 @@ class ReMatchModel(nn.Module):
                                        bb.image_token_id, grids, bb.merge, isolate=isolate)
                 for b in range(len(q_raw))]
         packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
+        self._count("match", packed)
         views = head.views if isolate is None else [head.views[isolate]]
         mask = unified_mask(packed.segment_ids if isolate is None else _retag(packed.segment_ids, isolate),
                             views, packed.inputs_embeds.dtype)

@@ -135,7 +135,8 @@ class ReMatchModule(L.LightningModule):
             self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "loss_cl", "loss_qdm"),
                      batch_size=B, sync_dist=False)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
-        self._tokens = int(sum(batch[s]["lengths"].sum() for s in ("qry", "pos", "neg") if batch.get(s) is not None))
+        counts = self.model.reset_counts()  # tokens of every pass of this step (embedding + matching)
+        self._tokens = counts.get("embed", 0) + counts.get("match", 0)
         if self.gradcache_chunk is not None:
             return None
         if not self._all_finite(terms["loss"]):

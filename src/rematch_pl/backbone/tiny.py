@@ -163,6 +163,11 @@ def make_tiny_backbone(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> 
     config = _tiny_config(kind, vocab_size, ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
+    # Token embeddings (tied to the LM head) with unit-scale rows, like a trained model's: with
+    # the default std 0.02 a 128-d head cannot give any token more than ~2% probability, and the
+    # generative Yes/No matching loss would plateau at ~4.8 nats whatever LoRA learns.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, config.text_config.hidden_size ** -0.5)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     # Small images: 56*56 .. 112*112 pixels (4..16 merged image tokens).
@@ -177,6 +182,9 @@ def make_tiny_backbone(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> 
     return out
 
 
+TINY_VERSION = "v2"  # bump when the tiny checkpoints change (the cache folder name carries it)
+
+
 def tiny_cache_dir() -> Path:
     root = os.environ.get("REMATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rematch_pl"))
     return Path(root) / "tiny"
@@ -184,4 +192,4 @@ def tiny_cache_dir() -> Path:
 
 def resolve_tiny(kind: str) -> str:
     """Path of the tiny checkpoint of `kind`, made on first use."""
-    return str(make_tiny_backbone(kind, tiny_cache_dir() / f"{kind}_tiny"))
+    return str(make_tiny_backbone(kind, tiny_cache_dir() / f"{kind}_tiny_{TINY_VERSION}"))

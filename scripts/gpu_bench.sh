@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Benchmarks on one GPU (random-weight Qwen2-VL-2B/7B-shaped models, bf16, no download).
+# Writes logs and JSON figures to $OUT (default: bench_out/). Usage: bash scripts/gpu_bench.sh
+# On a machine without the pinned transformers/peft, put their wheels in .whl/ first.
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export REMATCH_CACHE=${REMATCH_CACHE:-/tmp/rematch_cache}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+run() { local name=$1; shift; echo "== $name: $*"; timeout "${STEP_TIMEOUT:-170}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"; }
+run matching_2b rematch_pl.bench --suite matching --shape 2b --batch 8 --iters 3 --out "$OUT/matching_2b.json"
+run train_2b rematch_pl.bench --suite train --shape 2b --batches 16,128 --chunk 16 --iters 2 --out "$OUT/train_2b.json"
+if [ -f src/rematch_pl/eval_bench.py ]; then
+  run encode_2b rematch_pl.eval_bench ${EVAL_BENCH_ARGS:---suite encode --shape 2b --out "$OUT/encode_2b.json"}
+fi
+run train_7b rematch_pl.bench --suite train --shape 7b --batches 16 --chunk 8 --iters 2 --out "$OUT/train_7b.json"
