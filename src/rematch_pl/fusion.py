@@ -36,7 +36,7 @@ class MultiTokenFusion(nn.Module):
         if init_from is not None:  # start near the input distribution: random rows of the vocabulary
             g = torch.Generator().manual_seed(0)
             rows = torch.randint(0, init_from.shape[0], (n_sets, k), generator=g)
-            init = init_from.detach().float()[rows].clone()  # [n_sets, K, d]
+            init = init_from.detach().float().cpu()[rows].clone()  # [n_sets, K, d]
         else:
             init = torch.randn(n_sets, k, hidden_size) * (init_std or 0.02)
         self.tokens = nn.Parameter(init)  # [n_sets, K, d]

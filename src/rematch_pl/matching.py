@@ -109,7 +109,9 @@ class Projector(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden_size, inner), nn.GELU(), nn.Linear(inner, hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        # fp32 weights (like the other ReMatch modules) on a bf16 backbone: compute in the
+        # projector's dtype, return in the backbone's
+        return self.net(x.to(self.net[0].weight.dtype)).to(x.dtype)
 
 
 class MatchingHead(nn.Module):

@@ -46,7 +46,8 @@ class ReMatchModel(nn.Module):
         self.fusion = MultiTokenFusion(k, backbone.hidden_size, token_sets, init_from=emb)
         self.matching = None
         if matching != "none":
-            marker_init = emb.detach().float().mean(0, keepdim=True).repeat(2, 1)
+            emb = emb.detach().float().cpu()  # parameters are made on the CPU, then moved with the module
+            marker_init = emb.mean(0, keepdim=True).repeat(2, 1)
             marker_init = marker_init + emb.detach().float().std() * torch.randn(2, emb.shape[1],
                                                                                   generator=torch.Generator().manual_seed(1))
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
