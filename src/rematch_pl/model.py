@@ -35,6 +35,7 @@ class ReMatchModel(nn.Module):
         w_orth: float = 0.5,
         w_qdm: float = 0.1,
         orthogonality: bool = True,
+        max_padding: float = 0.25,
     ):
         super().__init__()
         if template not in TEMPLATES:
@@ -52,6 +53,7 @@ class ReMatchModel(nn.Module):
                                                                                   generator=torch.Generator().manual_seed(1))
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
+        self.max_padding = max_padding  # embedding passes: bucket rows by length (see length_buckets)
         self.token_counts: dict[str, int] = {}
         self.template = template
         self.temperature = temperature
@@ -95,27 +97,32 @@ class ReMatchModel(nn.Module):
         return [Segment(parts)]
 
     def embed(self, groups: list[tuple[str, list[Ids]]], feats, grids) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One backbone pass over several groups of contents (rows are independent).
+        """Backbone passes over several groups of contents (rows are independent).
 
         groups: [(side, contents)] with side 'qry' | 'doc'. Returns per group (fused [N, d],
-        token states [N, K, d]).
+        token states [N, K, d]). Rows are sorted by length and run in buckets (see
+        `length_buckets`) so that short text documents are not padded to long image queries.
         """
         rows, sides = [], []
         for side, contents in groups:
             rows += [self.embedding_row(c, side) for c in contents]
             sides += [side] * len(contents)
         bb = self.backbone
-        packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
-        self._count("embed", packed)
-        attn = (packed.segment_ids >= 0).long()  # [N, L]
-        hidden = bb(packed, attn)  # [N, L, d]
+        lengths = [sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in r[0].parts) for r in rows]
+        states = [None] * len(rows)
+        for bucket in length_buckets(lengths, self.max_padding):
+            packed = build_inputs([rows[i] for i in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
+                                  bb.processor.pad_id, bb.merge)
+            self._count("embed", packed)
+            attn = (packed.segment_ids >= 0).long()  # [n, L]
+            hidden = bb(packed, attn)  # [n, L, d]
+            for j, i in enumerate(bucket):
+                states[i] = self.fusion.token_states(hidden[j:j + 1], packed.lengths[j:j + 1], sides[i])[0]  # [K, d]
         out, i = [], 0
         for side, contents in groups:
-            n = len(contents)
-            h, lens = hidden[i:i + n], packed.lengths[i:i + n]
-            states = self.fusion.token_states(h, lens, side)  # [n, K, d]
-            out.append((self.fusion.fuse(states), states))
-            i += n
+            st = torch.stack(states[i:i + len(contents)])  # [n, K, d]
+            out.append((self.fusion.fuse(st), st))
+            i += len(contents)
         return out
 
     def encode(self, items: dict, pixel_values: torch.Tensor, grid_thw: torch.Tensor, side: str = "qry") -> torch.Tensor:
@@ -235,6 +242,25 @@ class ReMatchModel(nn.Module):
             loss = loss + self.w_qdm * terms["loss_qdm"]
         terms["loss"] = loss
         return terms
+
+
+def length_buckets(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Row indices grouped into buckets of similar length (longest first).
+
+    A bucket grows while its padded size (rows x longest) stays within (1 + max_padding) x its
+    real tokens; `max_padding=inf` gives one bucket.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets, cur, real = [], [], 0
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > (1 + max_padding) * (real + lengths[i]):
+            buckets.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += lengths[i]
+    if cur:
+        buckets.append(cur)
+    return buckets
 
 
 def _retag(segment_ids: torch.Tensor, isolate: int) -> torch.Tensor:
