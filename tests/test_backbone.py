@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tinyutil import KINDS, make_backbone, side_batch, triple_batch
+from tinyutil import KINDS, make_backbone, triple_batch
 from rematch_pl.backbone.sequence import Ids, Segment, build_inputs
 from rematch_pl.checkpoint import load_trainable, save_trainable
 from rematch_pl.model import ReMatchModel

@@ -1,6 +1,5 @@
 """Every shipped config composes, validates and instantiates; bad values fail at start-up by key name."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -321,11 +321,16 @@ def main(argv=None) -> dict:
     else:
         res = suite_matching(a.shape, a.device, dtype, a.batch, image_size, a.iters)
         print_table(res)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=2))
-        print(f"written {a.out}")
+    write_results(res, a.out)
     return res
+
+
+def write_results(res: dict, out: Path | None) -> None:
+    """Write a benchmark's figures as JSON (when asked to)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        print(f"written {out}")
 
 
 if __name__ == "__main__":

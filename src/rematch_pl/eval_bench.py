@@ -1,0 +1,195 @@
+"""`python -m rematch_pl.eval_bench --suite encode [--shape tiny|2b|7b] [--out FILE.json]`: figures, not tests.
+
+Encode throughput (items/s) of the evaluation engine (`rematch_pl.evaluation.engine`: length
+bucketing, DataLoader workers decoding JPEG files, bf16 on GPU, K=16 learnable tokens, chat
+template) on random-weight backbones built by `rematch_pl.bench.shaped_backbone` (tiny on CPU;
+Qwen2-VL-2B/7B-shaped on a GPU, no download), for image items (instruction + image at MMEB-like
+sizes) and text items (labels, answers, captions) separately; then the projected wall time of the
+full 36-subset MMEB evaluation on one device:
+
+    T = N_image_items / rate_image + N_text_items / rate_text
+
+with the unique item counts of MMEB-eval read from a local clone (``--mmeb PATH``), or else an
+assumed count (`ASSUMED_COUNTS`: 1,000 queries per subset, and per subset at most 10,000 unique
+candidates: the label set for classification); the assumption is printed with the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# MMEB-eval subsets: (query modality, candidate modality, assumed unique candidates)
+_LABELS = {"ImageNet-1K": 1000, "N24News": 24, "HatefulMemes": 2, "VOC2007": 20, "SUN397": 397, "Place365": 365,
+           "ImageNet-A": 200, "ImageNet-R": 200, "ObjectNet": 313, "Country211": 211}
+_RET = {"VisDial": ("text", "image"), "CIRR": ("image", "image"), "VisualNews_t2i": ("text", "image"),
+        "VisualNews_i2t": ("image", "text"), "MSCOCO_t2i": ("text", "image"), "MSCOCO_i2t": ("image", "text"),
+        "NIGHTS": ("image", "image"), "WebQA": ("text", "image"), "FashionIQ": ("image", "image"),
+        "Wiki-SS-NQ": ("text", "image"), "OVEN": ("image", "image"), "EDIS": ("text", "image")}
+_VQA = ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+        "TextVQA")
+_VG = ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")
+QUERIES, CANDIDATES = 1000, 10000
+
+
+def assumed_counts() -> dict[str, int]:
+    """Unique image / text items of the 36 subsets under the stated assumption."""
+    img = txt = 0
+    for n in _LABELS.values():
+        img, txt = img + QUERIES, txt + n
+    for _ in _VQA:
+        img, txt = img + QUERIES, txt + CANDIDATES
+    for q, c in _RET.values():
+        img += (QUERIES if q == "image" else 0) + (CANDIDATES if c == "image" else 0)
+        txt += (QUERIES if q == "text" else 0) + (CANDIDATES if c == "text" else 0)
+    img += len(_VG) * (QUERIES + CANDIDATES)
+    return {"image_items": img, "text_items": txt, "source": "assumed: 1000 queries/subset, <= 10000 unique "
+            "candidates/subset (classification: its label set); --mmeb PATH counts the real ones"}
+
+
+def counted(path: str, image_root: str | None) -> dict:
+    """Unique (item, side) encodings with / without an image, read from a local MMEB-eval clone."""
+    from .data.mmeb import list_subsets, load_eval_subset
+
+    img = txt = 0
+    for s in list_subsets(path):
+        es = load_eval_subset(path, image_root, s, check_images=False)
+        need = {(i, "qry") for i in es.queries} | {(c, "doc") for cs in es.candidates for c in cs}
+        for i, _ in need:
+            if es.items[i][1]:
+                img += 1
+            else:
+                txt += 1
+    return {"image_items": img, "text_items": txt, "source": f"counted in {path}"}
+
+
+def _images(folder: Path, n: int, sizes: list[tuple[int, int]], seed: int = 0) -> list[str]:
+    """JPEG files with smooth random content (decoding cost like photos)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        low = (torch.rand(3, max(2, h // 32), max(2, w // 32), generator=g) * 255)
+        img = torch.nn.functional.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        p = folder / f"{i:05d}.jpg"
+        Image.fromarray(img.clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(p, quality=90)
+        paths.append(str(p))
+    return paths
+
+
+_QUESTIONS = ["What is the color of the car on the left?", "How many people are in the picture?",
+              "What is written on the sign?", "Which animal is shown?", "What is the man holding?"]
+_TEXTS = ["dog", "a tabby cat sleeping on a sofa", "Represent the answer: two",
+          "Two people riding bicycles along a river at sunset, with tall buildings in the background.",
+          "Represent the class label: golden retriever",
+          "The minister announced on Tuesday that the new railway line connecting the two largest cities of the "
+          "region will open next spring, two years later than planned, after a long dispute over costs."]
+
+
+def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int, batch: int, workers: int,
+                 sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None) -> dict:
+    from .backbone.model import DTYPES
+    from .bench import shaped_backbone
+    from .evaluation.engine import Engine, Request
+    from .model import ReMatchModel
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    bb = shaped_backbone(shape, device, dtype)
+    model = ReMatchModel(bb, k=16, matching="none", template="chat").to(device, DTYPES[dtype]).eval()
+    model.requires_grad_(False)
+    build_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "dtype": dtype, "batch": batch, "workers": workers, "image_sizes": [f"{w}x{h}" for w, h in sizes],
+           "build_s": round(build_s, 1), "k": 16, "template": "chat"}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _images(Path(tmp), n_image + batch, sizes)
+        img_reqs = [Request(f"<|image_1|>\nRepresent the given image with the following question: "
+                            f"{rng.choice(_QUESTIONS)} ({i})", p, "qry") for i, p in enumerate(paths)]
+        txt_reqs = [Request(f"{rng.choice(_TEXTS)} ({i})", None, "doc") for i in range(n_text + batch)]
+        engine = Engine(model, None, None, batch_size=batch, num_workers=workers, max_length=2048, progress=False)
+        engine.encode(img_reqs[:batch] + txt_reqs[:batch], desc="warm-up")  # kernels, allocator, workers
+        for kind, reqs in (("image", img_reqs[batch:]), ("text", txt_reqs[batch:])):
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            engine.encode(reqs, desc=kind)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                res[f"{kind}_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            dt = time.perf_counter() - t
+            res[f"{kind}_items"] = len(reqs)
+            res[f"{kind}_s"] = round(dt, 2)
+            res[f"{kind}_items_per_s"] = round(len(reqs) / dt, 2)
+    counts = counted(mmeb, mmeb_images) if mmeb else assumed_counts()
+    proj = counts["image_items"] / res["image_items_per_s"] + counts["text_items"] / res["text_items_per_s"]
+    res["mmeb_counts"] = counts
+    res["mmeb_projected_s"] = round(proj, 1)
+    res["mmeb_projected_h"] = round(proj / 3600, 2)
+    return res
+
+
+def print_table(res: dict) -> None:
+    c = res["mmeb_counts"]
+    rows = [
+        ("model", f"Qwen2-VL-{res['shape']}-shaped, random weights, K=16, chat template, {res['dtype']}"),
+        ("device", res["device"]),
+        ("image items (instruction + image)", f"{res['image_items_per_s']:.1f} items/s  ({res['image_items']} in "
+                                               f"{res['image_s']:.1f} s, sizes {', '.join(res['image_sizes'])})"),
+        ("text items", f"{res['text_items_per_s']:.1f} items/s  ({res['text_items']} in {res['text_s']:.1f} s)"),
+        ("MMEB-eval unique items", f"{c['image_items']} image + {c['text_items']} text ({c['source']})"),
+        ("projected full MMEB eval, 1 device",
+         f"{res['mmeb_projected_s'] / 60:.1f} min ({res['mmeb_projected_h']:.2f} h)"),
+    ]
+    print(f"\nbench encode: batch={res['batch']} workers={res['workers']}")
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m rematch_pl.eval_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["encode"], default="encode")
+    ap.add_argument("--shape", choices=["tiny", "2b", "7b"], default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="fp32 (CPU default) or bf16 (GPU default)")
+    ap.add_argument("--n-image", type=int, default=None, help="image items timed (default 64 tiny, 512 otherwise)")
+    ap.add_argument("--n-text", type=int, default=None, help="text items timed (default 128 tiny, 2048 otherwise)")
+    ap.add_argument("--batch", type=int, default=None, help="rows per forward pass (default 16 tiny, 64 otherwise)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 8 on GPU)")
+    ap.add_argument("--image-sizes", default=None,
+                    help="WxH list (default 112x112,84x112 tiny; 640x480,500x375,1024x768 otherwise: MMEB-like)")
+    ap.add_argument("--mmeb", default=None, help="local MMEB-eval clone: count its unique items for the projection")
+    ap.add_argument("--mmeb-images", default=None, help="its image root (only needed for the counts' paths)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tiny = a.shape == "tiny"
+    dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
+    sizes = a.image_sizes or ("112x112,84x112" if tiny else "640x480,500x375,1024x768")
+    sizes = [tuple(int(x) for x in s.split("x")) for s in sizes.split(",")]
+    workers = a.workers if a.workers is not None else (8 if a.device == "cuda" else 0)
+    n_image, n_text = a.n_image or (64 if tiny else 512), a.n_text or (128 if tiny else 2048)
+    res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch or (16 if tiny else 64), workers, sizes,
+                       a.mmeb, a.mmeb_images)
+    print_table(res)
+    from .bench import write_results
+
+    write_results(res, a.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()

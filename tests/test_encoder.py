@@ -1,0 +1,69 @@
+"""`rematch_pl.Encoder`: a trained model as a plain embedding model and reranker."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_support import env, one_thread, trained_run_dir  # noqa: F401 (fixture)
+
+
+def test_import_rematch_pl_stays_light():
+    code = ("import sys, rematch_pl; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+            "from rematch_pl import Encoder; assert Encoder.__name__ == 'Encoder'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env())
+
+
+def test_content_text():
+    from rematch_pl.encoder import content_text
+
+    assert content_text("a cat", False) == "a cat"
+    assert content_text("a cat", True, "Represent the given image with the following question:") == \
+        "<|image_1|>\nRepresent the given image with the following question: a cat"
+    assert content_text(None, True) == "<|image_1|>"
+    assert content_text("<|image_1|> what?", True) == "<|image_1|> what?"  # an existing placeholder is kept
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_encode_and_score(tmp_path_factory):
+    import json
+
+    from PIL import Image
+
+    from rematch_pl import Encoder
+    from rematch_pl.evaluation.rerank import match_probs
+
+    run_dir = trained_run_dir(tmp_path_factory)
+    out_dir = json.loads((run_dir / "adapter" / "meta.json").read_text())["config"]["data"]["synthetic"]["out_dir"]
+    img = sorted((Path(out_dir) / "eval" / "images" / "Syn_CLS").glob("*.png"))[0]
+    enc = Encoder.from_pretrained(run_dir, device="cpu")
+    assert enc.device.type == "cpu" and enc.dtype == torch.float32  # the checkpoint's dtype on CPU
+    e = enc.encode(texts=["two red circles", "blue square", None], images=[None, None, img],
+                   instruction="Find me an everyday image that matches the given caption:")
+    assert e.shape == (3, enc.dim) and torch.allclose(e.norm(dim=-1), torch.ones(3))
+    # a PIL image and its path, one at a time or batched: the same embedding
+    single = enc.encode(images=Image.open(img), instruction="Find me an everyday image that matches the given caption:")
+    torch.testing.assert_close(single[0], e[2], atol=1e-5, rtol=1e-5)
+    d = enc.encode(texts=["two red circles"], side="document")
+    q = enc.encode(texts=["two red circles"], side="query")
+    assert not torch.allclose(d, q)  # separate query / document token sets
+    with pytest.raises(ValueError, match="2 texts but 1 images"):
+        enc.encode(texts=["a", "b"], images=[img])
+    with pytest.raises(ValueError, match="side="):
+        enc.encode(texts=["a"], side="both")
+    with pytest.raises(ValueError, match="needs texts and/or images"):
+        enc.encode()
+    p = enc.score("two red circles", ["red circle", (None, str(img)), {"text": "blue", "image": None}])
+    assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
+    direct = match_probs(enc.model, [("two red circles", None)], [("<|image_1|>", str(img))])
+    torch.testing.assert_close(p[1:2], direct, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_bench_encode_suite_runs(tmp_path):
+    from rematch_pl.eval_bench import main
+
+    res = main(["--suite", "encode", "--n-image", "4", "--n-text", "6", "--batch", "4", "--out", str(tmp_path / "b.json")])
+    assert res["image_items"] == 4 and res["text_items"] == 6 and res["image_items_per_s"] > 0
+    assert res["mmeb_counts"]["image_items"] > 0 and res["mmeb_projected_s"] > 0 and (tmp_path / "b.json").is_file()
