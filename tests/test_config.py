@@ -64,6 +64,7 @@ def test_ablation_axes_take_their_values():
     ("fusion.k=65", "fusion.k"), ("matching.views=bogus", "matching.views"), ("loss.temperature=0", "loss.temperature"),
     ("backbone.dtype=fp8", "backbone.dtype"), ("data.on_bad_row=ignore", "data.on_bad_row"),
     ("embedding.template=fancy", "embedding.template"), ("data.batch_size=1", "data.batch_size"),
+    ("strategy.name=fsdp", "strategy.name"),
 ])
 def test_invalid_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
