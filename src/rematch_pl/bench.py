@@ -225,7 +225,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-5)
 
-                def run():
+                def run(model=model, opt=opt, gc=gc):  # bound now: the loop rebinds the names
                     model.reset_counts()
                     if gc is None:
                         model(batch)["loss"].backward()
@@ -286,7 +286,13 @@ def print_table(res: dict) -> None:
         ("(b) ratio feat_feat / no matching (K=16)", f"{res['b_feat_feat_ratio']:.2f}x"),
         ("(c) encode K=16 / last token", f"{res['c_ratio']:.2f}x"),
     ]
-    print(f"\nbench matching: shape={res['shape']} device={res['device']} dtype={res['dtype']} batch={res['batch']}")
+    print_rows(f"bench matching: shape={res['shape']} device={res['device']} dtype={res['dtype']} batch={res['batch']}",
+               rows)
+
+
+def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column figure table under a title."""
+    print(f"\n{title}")
     w = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")

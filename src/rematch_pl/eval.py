@@ -26,19 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .build import CONF_DIR
+from .config import ConfigError, _check
 
 log = logging.getLogger("rematch_pl.eval")
 
 SUITES = ("mmeb", "zeroshot")
-
-
-class EvalConfigError(ValueError):
-    pass
-
-
-def _check(cond: bool, key: str, value, expected: str) -> None:
-    if not cond:
-        raise EvalConfigError(f"{key}={value!r} is invalid: expected {expected}")
+EvalConfigError = ConfigError  # an invalid value of conf/eval.yaml
 
 
 def validate(cfg: DictConfig) -> None:

@@ -150,10 +150,9 @@ def print_table(res: dict) -> None:
         ("projected full MMEB eval, 1 device",
          f"{res['mmeb_projected_s'] / 60:.1f} min ({res['mmeb_projected_h']:.2f} h)"),
     ]
-    print(f"\nbench encode: batch={res['batch']} workers={res['workers']}")
-    w = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"  {k:<{w}}  {v}")
+    from .bench import print_rows
+
+    print_rows(f"bench encode: batch={res['batch']} workers={res['workers']}", rows)
 
 
 def main(argv=None) -> dict:

@@ -131,12 +131,9 @@ class MatchingHead(nn.Module):
             init = marker_init.detach().float().clone() if marker_init is not None else torch.randn(2, hidden_size) * 0.02
             self.markers = nn.Parameter(init)  # [2, d]: <feat_start>, <feat_end>
         tok = processor.tokenize
-        chat = processor.tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\x00"}],
-            tokenize=False, add_generation_prompt=True)
-        user_prefix, assistant_prefix = chat.split("\x00")
-        self.prefix_ids = tok(user_prefix + INSTRUCTION)
-        self.answer_ids = tok(assistant_prefix + "<ANSWER>")
+        user_prefix, assistant_prefix = processor.chat_turn_ids(SYSTEM)
+        self.prefix_ids = user_prefix + tok(INSTRUCTION)
+        self.answer_ids = assistant_prefix + tok("<ANSWER>")
         self.q_open, self.q_close = tok("<QUERY> "), tok(" </QUERY>\n")
         self.d_open, self.d_close = tok("<DOC> "), tok(" </DOC>\n")
         yes, no = tok("Yes"), tok("No")

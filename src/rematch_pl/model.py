@@ -18,7 +18,6 @@ from .losses import gathered_contrastive_loss, matching_loss, orthogonality_loss
 from .matching import MatchingHead, unified_mask
 
 TEMPLATES = ("plain", "chat")
-SYSTEM = "You are a helpful assistant."
 
 
 class ReMatchModel(nn.Module):
@@ -59,12 +58,7 @@ class ReMatchModel(nn.Module):
         self.temperature = temperature
         self.w_orth = w_orth if orthogonality else 0.0
         self.w_qdm = w_qdm
-        proc = backbone.processor
-        chat = proc.tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\x00"}],
-            tokenize=False, add_generation_prompt=True)
-        pre, post = chat.split("\x00")
-        self.chat_prefix, self.chat_suffix = proc.tokenize(pre), proc.tokenize(post)
+        self.chat_prefix, self.chat_suffix = backbone.processor.chat_turn_ids()  # MVQDM++ embedding template
 
     def _count(self, kind: str, packed) -> None:
         """Token counts of the passes since the last `reset_counts` (throughput and FLOP figures)."""

@@ -84,6 +84,17 @@ class MultimodalProcessor:
         return int(grid_thw.prod().item()) // self.merge_size**2
 
     # ---------------------------------------------------------------- text
+    def chat_turn_ids(self, system: str = "You are a helpful assistant.") -> tuple[list[int], list[int]]:
+        """Ids before and after a user message in the backbone's own chat template.
+
+        (system turn + opening of the user turn, closing of the user turn + open assistant turn).
+        """
+        chat = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": "\x00"}],
+            tokenize=False, add_generation_prompt=True)
+        before, after = chat.split("\x00")
+        return self.tokenize(before), self.tokenize(after)
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
