@@ -1,8 +1,5 @@
 """2-process CPU (gloo) checks of the global-batch contrastive loss."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,15 +8,9 @@ import torch.multiprocessing as mp
 from rematch_pl.losses import contrastive_loss, gathered_contrastive_loss
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, q, pos, neg, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, q, pos, neg, out_dir):
+    # a file rendezvous: no port to race for
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         from torch.distributed.nn.functional import all_gather
 
@@ -33,6 +24,7 @@ def _worker(rank, world, port, q, pos, neg, out_dir):
         # DDP averages gradients over ranks: the local rows' gradient is grad / world
         torch.save({"loss": loss.detach(), "gq": lq.grad / world, "gp": lp.grad / world,
                     "gn": ln.grad / world if ln is not None else None}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears down while the other still talks
     finally:
         dist.destroy_process_group()
 
@@ -43,7 +35,7 @@ def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg):
     world, B, D = 2, 3, 16
     q, pos = torch.randn(world * B, D), torch.randn(world * B, D)
     neg = torch.randn(world * B, n_neg, D) if n_neg else None
-    mp.spawn(_worker, args=(world, _free_port(), q, pos, neg, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, q, pos, neg, str(tmp_path)), nprocs=world, join=True)
     sq, sp = q.clone().requires_grad_(), pos.clone().requires_grad_()
     sn = neg.clone().requires_grad_() if neg is not None else None
     ref = contrastive_loss(sq, sp, sn, 0.05)
