@@ -20,3 +20,12 @@ if [ -f src/rematch_pl/eval_bench.py ]; then
   run encode_2b rematch_pl.eval_bench ${EVAL_BENCH_ARGS:---suite encode --shape 2b --out "$OUT/encode_2b.json"}
 fi
 run train_7b rematch_pl.bench --suite train --shape 7b --batches 16 --chunk 8 --iters 2 --out "$OUT/train_7b.json"
+run max_batch_2b rematch_pl.bench --suite max_batch --shape 2b --chunk 16 --start 16 --limit 256 --out "$OUT/max_batch_2b.json"
+# Strategies through the real entry point on the tiny backbone (needs hydra, lightning, datasets on the machine).
+if python3 -c "import hydra, lightning, datasets" 2>/dev/null; then
+  for s in fsdp deepspeed_zero2 deepspeed_zero3; do
+    run "strategy_$s" rematch_pl.train debug=fast logger=csv trainer.accelerator=gpu trainer.devices=1 \
+      trainer.precision=bf16-mixed strategy=$s train.gradcache.chunk_size=4 data.batch_size=8 \
+      "hydra.run.dir=$OUT/runs/$s"
+  done
+fi

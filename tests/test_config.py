@@ -64,11 +64,48 @@ def test_ablation_axes_take_their_values():
     ("fusion.k=65", "fusion.k"), ("matching.views=bogus", "matching.views"), ("loss.temperature=0", "loss.temperature"),
     ("backbone.dtype=fp8", "backbone.dtype"), ("data.on_bad_row=ignore", "data.on_bad_row"),
     ("embedding.template=fancy", "embedding.template"), ("data.batch_size=1", "data.batch_size"),
-    ("strategy.name=fsdp", "strategy.name"),
+    ("strategy.name=horovod", "strategy.name"), ("strategy=fsdp,strategy.param_dtype=fp8", "strategy.param_dtype"),
+    ("strategy=fsdp,trainer.devices=auto", "trainer.devices"), ("strategy=fsdp,strategy.hybrid=true", "strategy.hybrid"),
+    ("strategy=deepspeed_zero3,trainer.accelerator=cpu", "trainer.accelerator"),
+    ("strategy=deepspeed_zero2,strategy.stage=3", "strategy.stage"),
 ])
 def test_invalid_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(_compose([override]))
+        validate(_compose(override.split(",")))
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS["strategy"])
+def test_every_strategy_instantiates(option):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from rematch_pl.build import build_strategy
+    from rematch_pl.sharding import FSDPStrategy
+
+    cfg = _compose([f"strategy={option}", "trainer.devices=4", "trainer.num_nodes=2"])
+    validate(cfg)
+    if option.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:  # the optional extra: the error must say how to get it
+            with pytest.raises(RuntimeError, match=r"rematch_pl\[deepspeed\]"):
+                build_strategy(cfg)
+            return
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        s = build_strategy(cfg)
+        assert isinstance(s, DeepSpeedStrategy) and s.config["zero_optimization"]["stage"] == cfg.strategy.stage
+        return
+    s = build_strategy(cfg)
+    if option == "fsdp":
+        assert isinstance(s, FSDPStrategy)
+        assert (s._data_parallel_size, s._tensor_parallel_size) == (8, 1)  # shard over all 8 ranks
+        hybrid = build_strategy(_compose(["strategy=fsdp", "strategy.hybrid=true", "trainer.devices=4",
+                                          "trainer.num_nodes=2"]))
+        assert (hybrid._data_parallel_size, hybrid._tensor_parallel_size) == (2, 4)  # replicate x shard
+    elif option == "ddp":
+        assert isinstance(s, DDPStrategy)
+    else:
+        assert s == option
 
 
 def test_typo_fails_at_composition():

@@ -1,5 +1,7 @@
 """2-process CPU (gloo) checks of the global-batch contrastive loss."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,7 +25,8 @@ def _worker(rank, world, q, pos, neg, out_dir):
         loss.backward()
         # DDP averages gradients over ranks: the local rows' gradient is grad / world
         torch.save({"loss": loss.detach(), "gq": lq.grad / world, "gp": lp.grad / world,
-                    "gn": ln.grad / world if ln is not None else None}, f"{out_dir}/rank{rank}.pt")
+                    "gn": ln.grad / world if ln is not None else None}, f"{out_dir}/rank{rank}.tmp")
+        os.replace(f"{out_dir}/rank{rank}.tmp", f"{out_dir}/rank{rank}.pt")  # complete or absent
         dist.barrier()  # neither rank tears down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -35,7 +38,13 @@ def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg):
     world, B, D = 2, 3, 16
     q, pos = torch.randn(world * B, D), torch.randn(world * B, D)
     neg = torch.randn(world * B, n_neg, D) if n_neg else None
-    mp.spawn(_worker, args=(world, q, pos, neg, str(tmp_path)), nprocs=world, join=True)
+    try:
+        mp.spawn(_worker, args=(world, q, pos, neg, str(tmp_path)), nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        # gloo may abort a rank while the process group is torn down, after the barrier (seen on
+        # loaded CI machines). The checks below only need what both ranks wrote before it.
+        if e.signal_name != "SIGABRT" or not all((tmp_path / f"rank{r}.pt").exists() for r in range(world)):
+            raise
     sq, sp = q.clone().requires_grad_(), pos.clone().requires_grad_()
     sn = neg.clone().requires_grad_() if neg is not None else None
     ref = contrastive_loss(sq, sp, sn, 0.05)

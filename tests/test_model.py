@@ -16,6 +16,17 @@ def test_length_buckets_partition_and_bound_padding():
     assert length_buckets(lengths, math.inf) == [sorted(range(8), key=lambda i: -lengths[i])]
 
 
+def test_length_buckets_split_to_an_agreed_number_of_passes():
+    lengths = [300, 12, 290, 9, 270, 10, 150, 11]
+    free = length_buckets(lengths, 0.25)
+    for n in range(len(free), len(lengths) + 3):
+        got = length_buckets(lengths, 0.25, min_buckets=n)
+        assert len(got) == min(n, len(lengths))
+        assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+        for b in got:  # still sorted longest first: splitting never adds padding
+            assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
 def test_bucketed_embedding_equals_one_padded_pass():
     torch.manual_seed(0)
     bb = make_backbone("qwen2vl")

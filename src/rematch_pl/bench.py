@@ -7,6 +7,9 @@ Qwen2-VL-2B/7B-shaped models from config on a GPU, no download):
 (b) a full ReMatch training step (K=16, 8 views, chat template) against the contrastive
     baseline ([EOS], no matching) on the same batch;
 (c) encoding with K=16 learnable tokens against last-token pooling.
+
+`--suite train` times training steps (baseline vs full ReMatch, with and without GradCache);
+`--suite max_batch` searches the largest per-GPU batch that fits in memory for each.
 """
 
 from __future__ import annotations
@@ -267,6 +270,73 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     return res
 
 
+def largest_batch(fits, start: int = 8, limit: int = 512) -> tuple[int, bool]:
+    """(largest B <= limit with fits(B), whether the limit was reached), for a monotone `fits`.
+
+    Doubles from `start` until a batch fails, then bisects to 1/8 of the last fitting size.
+    """
+    lo, hi, B = 0, None, start
+    while B <= limit:
+        if not fits(B):
+            hi = B
+            break
+        lo, B = B, B * 2
+    if hi is None:
+        if lo < limit and fits(limit):
+            lo = limit
+        return lo, True
+    while hi - lo > max(1, lo // 8):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, False
+
+
+def suite_max_batch(shape: str, device: str, dtype: str, image_size: int, chunk: int, limit: int,
+                    start: int = 8) -> dict:
+    """Largest batch of one training step that fits, for the baseline and full ReMatch, with and
+    without GradCache (chunks of `chunk` triples). On a CPU nothing runs out of memory: the
+    search only stops at `limit`."""
+    from .gradcache import gradcache_step
+
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, device, dtype)
+    variants = {"baseline": dict(k=0, matching="none", template="plain"),
+                "rematch": dict(k=16, matching="all", template="chat")}
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+           "image_size": image_size, "limit": limit, "runs": []}
+    if device == "cuda":
+        res["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    for name, kw in variants.items():
+        for gc in (None, chunk):
+            model = ReMatchModel(bb, **kw).to(device).train()
+
+            def fits(B: int, model=model, gc=gc) -> bool:
+                batch = None
+                try:
+                    batch = make_batch(bb.processor, B, image_size, device)
+                    if gc is None or B <= gc:
+                        model(batch)["loss"].backward()
+                    else:
+                        gradcache_step(model, batch, gc, backward=lambda t: t.backward())
+                    ok = True
+                except torch.OutOfMemoryError:
+                    ok = False
+                model.zero_grad(set_to_none=True)
+                del batch
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"  {name} gc={gc} B={B}: {'fits' if ok else 'out of memory'}", flush=True)
+                return ok
+
+            best, capped = largest_batch(fits, start=start, limit=limit)
+            row = {"variant": name, "gradcache_chunk": gc, "max_batch": best, "limit_reached": capped}
+            res["runs"].append(row)
+            print(f"{name:10s} gradcache={str(gc):5s} largest batch {best}{' (the limit)' if capped else ''}",
+                  flush=True)
+            del model
+    return res
+
+
 def _fmt_row(r: dict) -> str:
     if r.get("oom"):
         return f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} OOM"
@@ -301,7 +371,9 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["matching", "train"], default="matching")
+    ap.add_argument("--suite", choices=["matching", "train", "max_batch"], default="matching")
+    ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
+    ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes for --suite train")
     ap.add_argument("--chunk", type=int, default=4, help="GradCache chunk size for --suite train (0: off)")
     ap.add_argument("--shape", choices=["tiny", "2b", "7b"], default="tiny")
@@ -314,7 +386,10 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
-    if a.suite == "train":
+    if a.suite == "max_batch":
+        print(f"bench max_batch: shape={a.shape} device={a.device} dtype={dtype} (GradCache chunk {a.chunk})")
+        res = suite_max_batch(a.shape, a.device, dtype, image_size, a.chunk, a.limit, a.start)
+    elif a.suite == "train":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}")
         res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk)

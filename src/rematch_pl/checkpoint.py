@@ -10,21 +10,37 @@ from safetensors.torch import load_file, save_file
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Names and values of every trainable parameter (LoRA, learnable tokens, projector, markers)."""
+    """Names and whole values of every trainable parameter (LoRA, learnable tokens, projector, markers).
+
+    Under FSDP the parameters are sharded DTensors: each is gathered (a collective, so every rank
+    must call this, in the same order).
+    """
+    from torch.distributed.tensor import DTensor
+
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            for k, v in model.state_dict().items() if k in names}
 
 
-def save_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """Write the PEFT adapter (`adapter/`), ReMatch modules (`rematch_modules.safetensors`) and `meta.json`."""
+def save_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict | None = None,
+                   is_main: bool = True) -> Path:
+    """Write the PEFT adapter (`adapter/`), ReMatch modules (`rematch_modules.safetensors`) and `meta.json`.
+
+    Sharded (FSDP) models: call it on every rank (the weights are gathered); `is_main` writes.
+    """
     out = Path(out_dir)
+    state = trainable_state_dict(model)  # whole tensors on every rank
+    if not is_main:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     peft_model = model.backbone.model
+    prefix = "backbone.model."
     if hasattr(peft_model, "save_pretrained") and hasattr(peft_model, "peft_config"):
-        peft_model.save_pretrained(out / "adapter", safe_serialization=True)
-    extra = {k: v for k, v in trainable_state_dict(model).items() if not k.startswith("backbone.")}
+        adapter = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "lora_" in k}
+        peft_model.save_pretrained(out / "adapter", safe_serialization=True, state_dict=adapter)
+    extra = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     save_file(extra, str(out / "rematch_modules.safetensors"))
-    full = {k: v for k, v in trainable_state_dict(model).items() if k.startswith("backbone.") and "lora_" not in k}
+    full = {k: v for k, v in state.items() if k.startswith("backbone.") and "lora_" not in k}
     if full:  # full fine-tuning without LoRA
         save_file(full, str(out / "backbone_trainable.safetensors"))
     (out / "meta.json").write_text(json.dumps(meta or {}, indent=2, default=str))

@@ -57,9 +57,26 @@ def validate(cfg: DictConfig) -> None:
     _check(gc is None or (isinstance(gc, int) and gc >= 1), "train.gradcache.chunk_size", gc, "null or an integer >= 1")
     _check(gc is None or t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "1 with GradCache (it already makes the batch as large as you like)")
-    _check(cfg.strategy.name in ("auto", "ddp"), "strategy.name", cfg.strategy.name,
-           "auto | ddp (FSDP and DeepSpeed are not available yet)")
+    _check_strategy(cfg.strategy, t)
     _check(cfg.logger.name in ("wandb", "csv", "tensorboard", "none"), "logger.name", cfg.logger.name,
            "wandb | csv | tensorboard | none")
     _check(cfg.resume in (None, "auto") or str(cfg.resume).endswith(".ckpt"), "resume", cfg.resume,
            "null, auto or a path to a .ckpt file")
+
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def _check_strategy(s: DictConfig, t: DictConfig) -> None:
+    _check(s.name in STRATEGIES, "strategy.name", s.name, " | ".join(STRATEGIES))
+    if s.name == "fsdp":
+        _check(isinstance(t.devices, int) and t.devices >= 1, "trainer.devices", t.devices,
+               "an integer number of devices per node with strategy=fsdp")
+        for key in ("param_dtype", "reduce_dtype"):
+            _check(s[key] is None or s[key] in DTYPES, f"strategy.{key}", s[key], f"null or one of {sorted(DTYPES)}")
+        _check(not s.hybrid or t.num_nodes > 1, "strategy.hybrid", s.hybrid,
+               "false on one node (hybrid sharding replicates across nodes)")
+    if s.name.startswith("deepspeed"):
+        _check(t.accelerator in ("gpu", "cuda", "auto"), "trainer.accelerator", t.accelerator,
+               f"gpu with strategy={s.name} (DeepSpeed runs on CUDA only; use strategy=fsdp or ddp on CPU)")
+        _check(s.stage == int(s.name[-1]), "strategy.stage", s.stage, f"{s.name[-1]} for strategy={s.name}")

@@ -53,6 +53,9 @@ class ReMatchModel(nn.Module):
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
         self.max_padding = max_padding  # embedding passes: bucket rows by length (see length_buckets)
+        # Sharded training (FSDP): maps this rank's number of embedding passes to the largest over
+        # ranks, so every rank runs the same passes (each pass gathers the sharded layers).
+        self.agree_passes: Callable[[int], int] | None = None
         self.token_counts: dict[str, int] = {}
         self.template = template
         self.temperature = temperature
@@ -104,7 +107,10 @@ class ReMatchModel(nn.Module):
         bb = self.backbone
         lengths = [sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in r[0].parts) for r in rows]
         states = [None] * len(rows)
-        for bucket in length_buckets(lengths, self.max_padding):
+        buckets = length_buckets(lengths, self.max_padding)
+        if self.agree_passes is not None:
+            buckets = length_buckets(lengths, self.max_padding, min_buckets=self.agree_passes(len(buckets)))
+        for bucket in buckets:
             packed = build_inputs([rows[i] for i in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
                                   bb.processor.pad_id, bb.merge)
             self._count("embed", packed)
@@ -121,8 +127,8 @@ class ReMatchModel(nn.Module):
 
     def encode(self, items: dict, pixel_values: torch.Tensor, grid_thw: torch.Tensor, side: str = "qry") -> torch.Tensor:
         """Fused embeddings [N, d] of a collated content batch (inference)."""
-        feats = self.backbone.encode_images(pixel_values, grid_thw)
-        return self.embed([(side, self.contents(items))], feats, grid_thw)[0][0]
+        batch = {"items": items, "pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        return self(batch, mode="encode", sides=(side,))[side]
 
     # ------------------------------------------------------------------ matching pass
     def matching_logits(self, q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids, isolate: int | None = None):
@@ -173,14 +179,22 @@ class ReMatchModel(nn.Module):
 
     # ------------------------------------------------------------------ training step
     def forward(self, batch: dict, gather: Callable | None = None, rank: int = 0, mode: str = "loss",
-                cache: dict | None = None) -> dict[str, torch.Tensor]:
+                cache: dict | None = None, sides: tuple[str, ...] = ("qry",)) -> dict[str, torch.Tensor]:
         """Loss terms of one batch of (query, positive, hard negatives) triples (Eq. 5).
 
         mode="loss": the terms and their weighted sum ``loss``;
         mode="embed": only the fused embeddings {q [B, d], pos [B, d], neg [B*N, d] | None};
         mode="cached" (GradCache re-forward): ``surrogate`` = <cached grads, embeddings> + this
-        chunk's share of the orthogonality and matching losses (see `gradcache`).
+        chunk's share of the orthogonality and matching losses (see `gradcache`);
+        mode="encode": a content batch {items, pixel_values, image_grid_thw} embedded with each
+        token set of `sides` ('qry' | 'doc') -> {side: fused [N, d]}.
         """
+        if mode == "encode":
+            grids = batch["image_grid_thw"]
+            feats = self.backbone.encode_images(batch["pixel_values"], grids)
+            contents = self.contents(batch["items"])
+            outs = self.embed([(s, contents) for s in sides], feats, grids)
+            return {s: fused for s, (fused, _) in zip(sides, outs)}
         grids = batch["image_grid_thw"]
         feats = self.backbone.encode_images(batch["pixel_values"], grids)  # once per step, reused by matching
         q_raw, p_raw = self.contents(batch["qry"]), self.contents(batch["pos"])
@@ -238,11 +252,12 @@ class ReMatchModel(nn.Module):
         return terms
 
 
-def length_buckets(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+def length_buckets(lengths: list[int], max_padding: float = 0.25, min_buckets: int = 1) -> list[list[int]]:
     """Row indices grouped into buckets of similar length (longest first).
 
     A bucket grows while its padded size (rows x longest) stays within (1 + max_padding) x its
-    real tokens; `max_padding=inf` gives one bucket.
+    real tokens; `max_padding=inf` gives one bucket. With `min_buckets`, the largest buckets are
+    halved until there are that many (sharded training: every rank must run as many passes).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     buckets, cur, real = [], [], 0
@@ -254,6 +269,10 @@ def length_buckets(lengths: list[int], max_padding: float = 0.25) -> list[list[i
         real += lengths[i]
     if cur:
         buckets.append(cur)
+    while len(buckets) < min(min_buckets, len(lengths)):
+        j = max(range(len(buckets)), key=lambda b: len(buckets[b]))  # split the largest (rows stay sorted)
+        half = (len(buckets[j]) + 1) // 2
+        buckets[j:j + 1] = [buckets[j][:half], buckets[j][half:]]
     return buckets
 
 

@@ -102,16 +102,34 @@ class ReMatchModule(L.LightningModule):
                                "lower optimizer.lr, use trainer.precision=bf16-mixed instead of fp16, or check the data")
         return False
 
-    def _gradcache_step(self, batch):
+    def configure_model(self):
+        """Under strategy=fsdp: shard the backbone's blocks and make ReMatchModel the root unit."""
+        from .sharding import FSDPStrategy, shard_model
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            shard_model(self.model, strategy.shard_mesh(), **strategy.shard_kwargs)
+
+    def _no_sync(self):
+        """A context that defers the gradient reduction (DDP all-reduce, FSDP reduce-scatter), or None."""
         from torch.nn.parallel import DistributedDataParallel
 
+        from .sharding import is_sharded, no_gradient_sync
+
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel):
+            return wrapped.no_sync
+        if is_sharded(self.model):
+            return lambda: no_gradient_sync(self.model)
+        return None
+
+    def _gradcache_step(self, batch):
         from .gradcache import gradcache_step
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad()
-        wrapped = self.trainer.strategy.model
-        no_sync = wrapped.no_sync if isinstance(wrapped, DistributedDataParallel) else None
+        no_sync = self._no_sync()
         distributed = self.trainer.world_size > 1
         terms = gradcache_step(self.model, batch, self.gradcache_chunk, backward=self.manual_backward,
                                gather=self._gather if distributed else None, rank=self.global_rank, no_sync=no_sync)
@@ -165,13 +183,11 @@ class ReMatchModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         m = self.model
-        feats = m.backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])
-        contents = m.contents(batch["items"])
-        sides = ["qry", "doc"] if m.fusion.k > 0 and m.fusion.sets != "shared" else ["qry"]
-        outs = m.embed([(s, contents) for s in sides], feats, batch["image_grid_thw"])
+        sides = ("qry", "doc") if m.fusion.k > 0 and m.fusion.sets != "shared" else ("qry",)
+        emb = m(batch, mode="encode", sides=sides)  # through the root forward (FSDP gathers there)
         self._val_items["index"].append(batch["item_index"])
-        self._val_items["qry"].append(outs[0][0].float())
-        self._val_items["doc"].append(outs[-1][0].float())
+        self._val_items["qry"].append(emb[sides[0]].float())
+        self._val_items["doc"].append(emb[sides[-1]].float())
 
     def on_validation_epoch_end(self):
         dm = self.trainer.datamodule
@@ -206,3 +222,12 @@ class ReMatchModule(L.LightningModule):
         # Only trainable weights (LoRA, learnable tokens, projector, markers): the base
         # backbone is reloaded from backbone.path.
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model).items()}
+        checkpoint["rematch_manual_optimization"] = not self.automatic_optimization
+
+    def on_load_checkpoint(self, checkpoint):
+        saved = checkpoint.get("rematch_manual_optimization")
+        if saved is not None and saved != (not self.automatic_optimization):
+            raise ValueError("the checkpoint was written with train.gradcache.chunk_size "
+                             f"{'set' if saved else 'null'}; resume with it {'set' if saved else 'null'} as well "
+                             "(Lightning counts steps differently with and without GradCache; any chunk size "
+                             "gives the same gradient)")

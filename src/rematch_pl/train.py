@@ -71,9 +71,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
             "bad_rows": getattr(dm, "bad_rows", {}),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
+        if cfg.save_adapter:  # every rank: a sharded model's weights are gathered
+            save_trainable(model, run_dir / "adapter", meta={"config": summary["config"]},
+                           is_main=trainer.is_global_zero)
         if trainer.is_global_zero:
-            if cfg.save_adapter:
-                save_trainable(model, run_dir / "adapter", meta={"config": summary["config"]})
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             print_summary(summary)
         return summary

@@ -1,0 +1,88 @@
+"""strategy=fsdp (FSDP2 through Lightning's ModelParallelStrategy): 2 CPU processes (gloo) through the
+real entry point train exactly as DDP does, with and without GradCache, save the same trainable weights
+from all ranks, and resume across strategies."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rematch_pl.history import read_history
+from rematch_pl.model import ReMatchModel
+from rematch_pl.module import ReMatchModule
+from rematch_pl.sharding import shard_units
+from test_train import train
+from tinyutil import KINDS, make_backbone
+
+COMMON = ["debug=fast", "logger=csv", "data.batch_size=4", "trainer.devices=2", "trainer.accelerator=cpu",
+          "optimizer.scheduler=constant", "trainer.checkpoint_every_n_steps=1", "trainer.log_every_n_steps=1"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fsdp_units_are_the_decoder_layers(kind):
+    model = ReMatchModel(make_backbone(kind), k=4, matching="all")
+    units = shard_units(model)
+    layers = model.backbone.hf.model.language_model.layers
+    assert units == list(layers)  # the vision tower stays in the root unit (ranks may skip it)
+
+
+def test_resume_refuses_a_different_optimisation_mode():
+    module = ReMatchModule(ReMatchModel(make_backbone("qwen2vl"), k=2, matching="none"))  # automatic
+    module.on_load_checkpoint({"rematch_manual_optimization": False})  # same mode: fine
+    with pytest.raises(ValueError, match="gradcache.chunk_size"):
+        module.on_load_checkpoint({"rematch_manual_optimization": True})
+
+
+def _curve(run_dir):
+    return {r["step"]: r["train/loss"] for r in read_history(run_dir) if "train/loss" in r}
+
+
+def _val(run_dir):
+    return [r["val/hit@1"] for r in read_history(run_dir) if "val/hit@1" in r]
+
+
+def _weights(run_dir):
+    out = {}
+    for name in ("adapter/adapter_model.safetensors", "rematch_modules.safetensors"):
+        out.update(load_file(str(run_dir / "adapter" / name)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharding")
+    out = {}
+    for name, extra in {"ddp": ["strategy=ddp"], "fsdp": ["strategy=fsdp"],
+                        "fsdp_gc": ["strategy=fsdp", "train.gradcache.chunk_size=2"]}.items():
+        out[name] = root / name
+        train(out[name], *COMMON, *extra)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fsdp", "fsdp_gc"])
+def test_fsdp_trains_exactly_as_ddp(runs, variant):
+    ref, got = _curve(runs["ddp"]), _curve(runs[variant])
+    assert sorted(ref) == sorted(got) == [0, 1, 2, 3]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, ref, got)
+    assert len(_val(runs["ddp"])) == 1 and _val(runs[variant]) == pytest.approx(_val(runs["ddp"]), abs=1e-6)
+    a, b = _weights(runs["ddp"]), _weights(runs[variant])  # gathered from both ranks into whole tensors
+    assert a.keys() == b.keys() and any("lora_" in k for k in a)
+    for k in a:
+        assert a[k].shape == b[k].shape
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    ckpt = torch.load(runs[variant] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(type(p) is torch.Tensor for p in ckpt["state_dict"].values())  # whole tensors, no DTensor
+    assert len(ckpt["state_dict"]) == len(ckpt["optimizer_states"][0]["state"])  # trainable weights only
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path):
+    """2 steps under DDP, then resume=auto under FSDP: the loss curve of an uninterrupted FSDP run."""
+    run = tmp_path / "run"
+    train(run, *COMMON, "strategy=ddp", "train.gradcache.chunk_size=2", "trainer.max_steps=2")
+    train(run, *COMMON, "strategy=fsdp", "train.gradcache.chunk_size=2", "resume=auto")
+    ref, got = _curve(runs["fsdp_gc"]), _curve(run)
+    assert sorted(got) == [0, 1, 2, 3]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, ref, got)
