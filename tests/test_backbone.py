@@ -99,3 +99,26 @@ def test_side_batch_image_tokens_match_grid(backbones):
             n = int((s["ids"][i] == pr.image_token_id).sum())
             img = int(s["image"][i])
             assert n == (0 if img < 0 else int(b["image_grid_thw"][img].prod()) // 4)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_same_loss_and_gradients():
+    """backbone.compile=true (torch.compile per decoder layer, dynamic shapes): packed matching
+    pass with its 4-D mask included, the step equals the eager one."""
+    from rematch_pl.backbone.model import load_backbone
+
+    out = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        bb = load_backbone("tiny://qwen2vl", lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0},
+                           compile=compiled)
+        model = ReMatchModel(bb, k=4, matching="all")
+        batch = triple_batch(bb.processor)
+        torch.manual_seed(1)
+        loss = model(batch)["loss"]
+        loss.backward()
+        out[compiled] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+    assert out[True][1].keys() == out[False][1].keys() and out[False][1]
+    for k, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], g, atol=1e-5, rtol=1e-4)

@@ -1,6 +1,10 @@
-"""strategy=fsdp (FSDP2 through Lightning's ModelParallelStrategy): 2 CPU processes (gloo) through the
-real entry point train exactly as DDP does, with and without GradCache, save the same trainable weights
-from all ranks, and resume across strategies."""
+"""Sharded strategies on 2 CPU processes (gloo) through the real entry point: strategy=fsdp (FSDP2
+through Lightning's ModelParallelStrategy) and DeepSpeed ZeRO-2/3 train exactly as DDP does, with and
+without GradCache, save the same trainable weights from all ranks, and resume."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ from rematch_pl.history import read_history
 from rematch_pl.model import ReMatchModel
 from rematch_pl.module import ReMatchModule
 from rematch_pl.sharding import shard_units
-from test_train import train
+from test_train import ENV, train
 from tinyutil import KINDS, make_backbone
 
 COMMON = ["debug=fast", "logger=csv", "data.batch_size=4", "trainer.devices=2", "trainer.accelerator=cpu",
@@ -83,6 +87,53 @@ def test_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path):
     train(run, *COMMON, "strategy=ddp", "train.gradcache.chunk_size=2", "trainer.max_steps=2")
     train(run, *COMMON, "strategy=fsdp", "train.gradcache.chunk_size=2", "resume=auto")
     ref, got = _curve(runs["fsdp_gc"]), _curve(run)
+    assert sorted(got) == [0, 1, 2, 3]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, ref, got)
+
+
+def train_deepspeed(run_dir, *overrides):
+    """The entry point under DeepSpeed on CPU (see tests/deepspeed_cpu.py)."""
+    pytest.importorskip("deepspeed")
+    cmd = [sys.executable, str(Path(__file__).parent / "deepspeed_cpu.py"), f"hydra.run.dir={run_dir}", *overrides,
+           "trainer.accelerator=auto"]  # (config validation refuses DeepSpeed with accelerator=cpu)
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+
+
+DEEPSPEED = {
+    "zero2": ["strategy=deepspeed_zero2"],
+    # every parameter partitioned (the default keeps parameters under 1e5 elements whole, i.e. all of
+    # the tiny model's LoRA): learnable tokens and LoRA are gathered when used and when saved
+    "zero3_gc": ["strategy=deepspeed_zero3", "strategy.param_persistence_threshold=0", "train.gradcache.chunk_size=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(DEEPSPEED))
+def test_deepspeed_trains_exactly_as_ddp(runs, variant, tmp_path):
+    run = tmp_path / variant
+    train_deepspeed(run, *COMMON, *DEEPSPEED[variant])
+    ref, got = _curve(runs["ddp"]), _curve(run)
+    assert sorted(got) == [0, 1, 2, 3]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, ref, got)
+    assert _val(run) == pytest.approx(_val(runs["ddp"]), abs=1e-6)
+    a, b = _weights(runs["ddp"]), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_gradcache_resumes(runs, tmp_path):
+    """ZeRO-3 + GradCache, 2 steps then resume=auto from DeepSpeed's checkpoint directory: DDP's curve."""
+    run = tmp_path / "run"
+    train_deepspeed(run, *COMMON, *DEEPSPEED["zero3_gc"], "trainer.max_steps=2")
+    assert (run / "checkpoints" / "last.ckpt").is_dir()  # DeepSpeed's own layout, frozen base excluded
+    train_deepspeed(run, *COMMON, *DEEPSPEED["zero3_gc"], "resume=auto")
+    ref, got = _curve(runs["ddp"]), _curve(run)
     assert sorted(got) == [0, 1, 2, 3]
     for step in ref:
         assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, ref, got)

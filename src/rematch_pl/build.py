@@ -26,7 +26,7 @@ def build_backbone(b: DictConfig) -> Backbone:
     return load_backbone(
         path=b.path, dtype=b.dtype, attn_implementation=b.attn_implementation,
         gradient_checkpointing=b.gradient_checkpointing, min_pixels=b.min_pixels, max_pixels=b.max_pixels,
-        lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"),
+        lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"), compile=b.get("compile", False),
     )
 
 
@@ -112,15 +112,28 @@ def build_strategy(cfg: DictConfig):
                             world_size=int(t.devices) * int(t.num_nodes), num_nodes=int(t.num_nodes))
     if s.name.startswith("deepspeed"):
         try:
-            from lightning.pytorch.strategies import DeepSpeedStrategy
-
-            return DeepSpeedStrategy(stage=s.stage, offload_optimizer=s.offload_optimizer,
-                                     offload_parameters=s.offload_parameters, overlap_comm=s.overlap_comm,
-                                     allgather_bucket_size=s.bucket_size, reduce_bucket_size=s.bucket_size,
-                                     exclude_frozen_parameters=True)
-        except Exception as e:  # DeepSpeed missing: Lightning raises at construction
+            import deepspeed  # noqa: F401
+        except ImportError as e:
             raise RuntimeError(f"strategy={s.name} needs DeepSpeed: pip install 'rematch_pl[deepspeed]' "
                                f"(on a CUDA machine). Cause: {e}") from e
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        ds = DeepSpeedStrategy(stage=s.stage, offload_optimizer=s.offload_optimizer,
+                               offload_parameters=s.offload_parameters, overlap_comm=s.overlap_comm,
+                               allgather_bucket_size=s.bucket_size, reduce_bucket_size=s.bucket_size,
+                               exclude_frozen_parameters=True,
+                               # the stream yields whole batches: DeepSpeed cannot read a batch size from it
+                               logging_batch_size_per_gpu=int(cfg.data.batch_size))
+        if s.stage == 3:
+            ds.config["zero_optimization"]["stage3_param_persistence_threshold"] = int(s.param_persistence_threshold)
+        # DeepSpeed clips inside its step, with and without GradCache (Lightning's manual
+        # optimisation would otherwise drop trainer.gradient_clip_val)
+        ds.config["gradient_clipping"] = float(t.gradient_clip_val or 0.0)
+        if cfg.train.gradcache.chunk_size is not None:
+            # GradCache backpropagates once per chunk before one optimizer step: DeepSpeed must only
+            # accumulate in backward and reduce in step (its own micro-step bookkeeping is off)
+            ds.config["managed_gradient_accumulation"] = False
+        return ds
     return s.name
 
 

@@ -17,9 +17,14 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     from torch.distributed.tensor import DTensor
 
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3: gather the partitions
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-            for k, v in model.state_dict().items() if k in names}
+            for k, v in model.state_dict().items() if k in params}
 
 
 def save_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict | None = None,

@@ -35,6 +35,7 @@ def validate(cfg: DictConfig) -> None:
            b.attn_implementation, "sdpa | eager | flash_attention_2")
     _check(b.min_pixels is None or b.max_pixels is None or b.min_pixels <= b.max_pixels, "backbone.min_pixels",
            b.min_pixels, f"<= backbone.max_pixels ({b.max_pixels})")
+    _check(isinstance(b.get("compile", False), bool), "backbone.compile", b.get("compile"), "true | false")
     _check(int(b.lora.r) > 0, "backbone.lora.r", b.lora.r, "a positive integer")
     _check(isinstance(f.k, int) and 0 <= f.k <= 64, "fusion.k", f.k, "an integer in 0..64 (0 = last-token pooling)")
     _check(f.sets in ("separate", "shared", "both"), "fusion.sets", f.sets, "separate | shared | both")

@@ -62,11 +62,14 @@ def gradcache_step(
     gather: Callable | None = None,
     rank: int = 0,
     no_sync: Callable[[], object] | None = None,
+    new_micro_step: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Accumulate the gradient of the full-batch loss (Eq. 5) chunk by chunk; returns the loss terms.
 
     `backward(t)` backpropagates a scalar (e.g. LightningModule.manual_backward); `no_sync()`
-    is a context manager that defers the gradient all-reduce (DDP) for all chunks but the last.
+    is a context manager that defers the gradient all-reduce (DDP) for all chunks but the last;
+    `new_micro_step()` runs before every re-forward but the first (DeepSpeed: chunk gradients are
+    accumulated, not overwritten).
     """
     B = batch["qry"]["ids"].shape[0]
     chunks = [list(range(s, min(s + chunk_size, B))) for s in range(0, B, chunk_size)]
@@ -107,6 +110,8 @@ def gradcache_step(
         if cuda:
             torch.cuda.set_rng_state(states[c][1], device)
         last = c == len(subs) - 1
+        if new_micro_step is not None and c > 0:
+            new_micro_step()
         ctx = no_sync() if (no_sync is not None and not last) else nullcontext()
         with ctx:
             terms = model(sub, mode="cached", cache=cache)

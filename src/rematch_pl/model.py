@@ -53,9 +53,10 @@ class ReMatchModel(nn.Module):
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
         self.max_padding = max_padding  # embedding passes: bucket rows by length (see length_buckets)
-        # Sharded training (FSDP): maps this rank's number of embedding passes to the largest over
-        # ranks, so every rank runs the same passes (each pass gathers the sharded layers).
-        self.agree_passes: Callable[[int], int] | None = None
+        # Sharded training (FSDP, ZeRO-3): the largest value over ranks of an int. Every rank must
+        # call the sharded modules equally often (each call gathers their parameters), so ranks
+        # agree on the number of embedding passes and on whether the vision tower runs.
+        self.max_over_ranks: Callable[[int], int] | None = None
         self.token_counts: dict[str, int] = {}
         self.template = template
         self.temperature = temperature
@@ -108,8 +109,8 @@ class ReMatchModel(nn.Module):
         lengths = [sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in r[0].parts) for r in rows]
         states = [None] * len(rows)
         buckets = length_buckets(lengths, self.max_padding)
-        if self.agree_passes is not None:
-            buckets = length_buckets(lengths, self.max_padding, min_buckets=self.agree_passes(len(buckets)))
+        if self.max_over_ranks is not None:
+            buckets = length_buckets(lengths, self.max_padding, min_buckets=self.max_over_ranks(len(buckets)))
         for bucket in buckets:
             packed = build_inputs([rows[i] for i in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
                                   bb.processor.pad_id, bb.merge)
@@ -124,6 +125,14 @@ class ReMatchModel(nn.Module):
             out.append((self.fusion.fuse(st), st))
             i += len(contents)
         return out
+
+    def image_features(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
+        """Vision tower on the batch's images. When ranks must agree (sharded training), a rank
+        without images runs it on a blank one, discarded, if any other rank has images."""
+        has = int(grids is not None and grids.numel() > 0)
+        if self.max_over_ranks is not None and self.max_over_ranks(has) and not has:
+            self.backbone.encode_images(*self.backbone.blank_image())
+        return self.backbone.encode_images(pixel_values, grids)
 
     def encode(self, items: dict, pixel_values: torch.Tensor, grid_thw: torch.Tensor, side: str = "qry") -> torch.Tensor:
         """Fused embeddings [N, d] of a collated content batch (inference)."""
@@ -191,12 +200,12 @@ class ReMatchModel(nn.Module):
         """
         if mode == "encode":
             grids = batch["image_grid_thw"]
-            feats = self.backbone.encode_images(batch["pixel_values"], grids)
+            feats = self.image_features(batch["pixel_values"], grids)
             contents = self.contents(batch["items"])
             outs = self.embed([(s, contents) for s in sides], feats, grids)
             return {s: fused for s, (fused, _) in zip(sides, outs)}
         grids = batch["image_grid_thw"]
-        feats = self.backbone.encode_images(batch["pixel_values"], grids)  # once per step, reused by matching
+        feats = self.image_features(batch["pixel_values"], grids)  # once per step, reused by matching
         q_raw, p_raw = self.contents(batch["qry"]), self.contents(batch["pos"])
         neg = batch.get("neg")
         n_raw = self.contents(neg) if neg is not None else None

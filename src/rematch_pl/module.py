@@ -103,12 +103,15 @@ class ReMatchModule(L.LightningModule):
         return False
 
     def configure_model(self):
-        """Under strategy=fsdp: shard the backbone's blocks and make ReMatchModel the root unit."""
-        from .sharding import FSDPStrategy, shard_model
+        """Under strategy=fsdp: shard the backbone's blocks and make ReMatchModel the root unit.
+        Under ZeRO-3 (parameters gathered at each module call): ranks agree on their passes."""
+        from .sharding import FSDPStrategy, max_over_ranks, shard_model
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDPStrategy):
             shard_model(self.model, strategy.shard_mesh(), **strategy.shard_kwargs)
+        elif getattr(strategy, "zero_stage_3", False):
+            self.model.max_over_ranks = max_over_ranks
 
     def _no_sync(self):
         """A context that defers the gradient reduction (DDP all-reduce, FSDP reduce-scatter), or None."""
@@ -131,8 +134,14 @@ class ReMatchModule(L.LightningModule):
         opt.zero_grad()
         no_sync = self._no_sync()
         distributed = self.trainer.world_size > 1
+        # DeepSpeed's ZeRO optimizers start a micro-step at each engine forward and overwrite the
+        # gradients of the first backward after it; GradCache re-forwards its chunks inside one
+        # engine forward, so each chunk starts a micro-step of its own.
+        zero = getattr(self.trainer.strategy.model, "optimizer", None)
+        new_micro_step = getattr(zero, "clear_backward_seen_flag", None)
         terms = gradcache_step(self.model, batch, self.gradcache_chunk, backward=self.manual_backward,
-                               gather=self._gather if distributed else None, rank=self.global_rank, no_sync=no_sync)
+                               gather=self._gather if distributed else None, rank=self.global_rank, no_sync=no_sync,
+                               new_micro_step=new_micro_step)
         if not self._all_finite(terms["loss"]):
             opt.zero_grad()
             return terms

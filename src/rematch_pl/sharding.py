@@ -5,7 +5,7 @@ decoder layer of the language model is its own FSDP unit and `ReMatchModel` is t
 owns the embeddings, LM head, vision tower, learnable tokens, projector and markers). Everything
 a step computes goes through the root's forward, so every parameter is gathered when it is used
 and its gradient reduce-scattered after. All ranks must run the same sequence of layer calls:
-the number of length-bucketed embedding passes is agreed across ranks (`agree_passes`).
+the number of length-bucketed embedding passes is agreed across ranks (`max_over_ranks`).
 
 Checkpoints hold only the trainable weights (LoRA, learnable tokens, projector, markers),
 gathered from all ranks into one file: the same layout as a DDP checkpoint, so resume, eval and
@@ -56,7 +56,7 @@ def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True, para
 
     if is_sharded(model):  # configure_model may run more than once
         return model
-    model.agree_passes = _max_over_ranks
+    model.max_over_ranks = max_over_ranks
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype] if param_dtype else None,
                               reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None)
     for unit in shard_units(model):
@@ -66,7 +66,7 @@ def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True, para
     return model
 
 
-def _max_over_ranks(n: int) -> int:
+def max_over_ranks(n: int) -> int:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

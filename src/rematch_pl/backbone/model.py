@@ -83,6 +83,15 @@ class Backbone(nn.Module):
         out = self.hf.model.get_image_features(pixel_values, grid_thw, return_dict=True)
         return list(out.pooler_output)
 
+    def blank_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest image the vision tower takes (one merged token): (pixel_values, grid_thw)."""
+        v = self.hf.config.vision_config
+        m = self.merge
+        w = self.embed_tokens.weight
+        pixels = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size**2, device=w.device,
+                             dtype=w.dtype)
+        return pixels, torch.tensor([[1, m, m]], device=w.device)
+
     def forward(self, packed: Packed, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states [B, L, d] of packed inputs.
 
@@ -108,8 +117,14 @@ def load_backbone(
     max_pixels: int | None = None,
     lora: dict | LoraSettings | None = None,
     revision: str | None = None,
+    compile: bool = False,
 ) -> Backbone:
-    """Load model and processor by hub id or local folder, with LoRA restricted to the LLM."""
+    """Load model and processor by hub id or local folder, with LoRA restricted to the LLM.
+
+    compile: `torch.compile` each decoder layer of the language model (regional compilation,
+    dynamic shapes): names and parameters stay as they are, so LoRA, FSDP and checkpoints are
+    unaffected; the first steps pay the compilation.
+    """
     from transformers import AutoModelForImageTextToText
 
     if dtype not in DTYPES:
@@ -140,4 +155,8 @@ def load_backbone(
     if gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Backbone(model, processor, name=path)
+    backbone = Backbone(model, processor, name=path)
+    if compile:
+        for layer in backbone.hf.model.language_model.layers:
+            layer.compile(dynamic=True)
+    return backbone

@@ -94,7 +94,7 @@ class MMEBDataModule(pl.LightningDataModule):
     """MMEB(-style) training stream and validation items; see the module docstring."""
 
     def __init__(self, train=None, hardneg=None, eval=None, num_hardneg: int = 1, target_instruction=None,
-                 batch_size: int = 8, eval_batch_size: int = 32, homogeneous: bool = False, num_workers: int = 0,
+                 batch_size: int = 8, eval_batch_size: int = 32, homogeneous: bool = False, num_workers: int = 0, prefetch_factor: int = 2,
                  max_length: int | None = 256, on_bad_row: str = "raise", seed: int = 0, shuffle_buffer: int = 256,
                  synthetic=None, processor=None):
         super().__init__()
@@ -109,7 +109,7 @@ class MMEBDataModule(pl.LightningDataModule):
             raise ValueError(f"data.on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
         for name, v, lo in [("num_hardneg", num_hardneg, 0), ("batch_size", batch_size, 1),
                             ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
-                            ("shuffle_buffer", shuffle_buffer, 0)]:
+                            ("shuffle_buffer", shuffle_buffer, 0), ("prefetch_factor", prefetch_factor, 1)]:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
@@ -121,6 +121,7 @@ class MMEBDataModule(pl.LightningDataModule):
         resolve_target_instructions(self.target_instruction)  # validates
         self.num_hardneg, self.batch_size, self.eval_batch_size = num_hardneg, batch_size, eval_batch_size
         self.homogeneous, self.num_workers, self.max_length = bool(homogeneous), num_workers, max_length
+        self.prefetch_factor = prefetch_factor
         self.on_bad_row, self.seed, self.shuffle_buffer = on_bad_row, int(seed), shuffle_buffer
         self.processor = processor
         self.eval_sets: dict[str, EvalSet] = {}
@@ -231,8 +232,7 @@ class MMEBDataModule(pl.LightningDataModule):
         collate = TrainCollator(self._require_processor(), self.max_length)
         stream = self.train_stream()
         stream.skip_batches = getattr(self, "_resume_skip", 0)
-        return DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(stream, batch_size=None, collate_fn=collate, **self._worker_kwargs())
 
     def val_dataloader(self):
         if self.eval_cfg["path"] is None:
@@ -243,7 +243,13 @@ class MMEBDataModule(pl.LightningDataModule):
         dataset = EvalItems(self.eval_items, rank, world)
         return DataLoader(dataset, batch_size=self.eval_batch_size,
                           collate_fn=EvalCollator(self._require_processor(), self.max_length),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          **self._worker_kwargs())
+
+    def _worker_kwargs(self) -> dict:
+        """Dataloader workers decode images in parallel; each keeps `prefetch_factor` batches ready."""
+        if self.num_workers == 0:
+            return {"num_workers": 0}
+        return {"num_workers": self.num_workers, "persistent_workers": True, "prefetch_factor": self.prefetch_factor}
 
     # ------------------------------------------------------------------ bad-row accounting
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
