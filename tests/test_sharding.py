@@ -29,6 +29,20 @@ def test_fsdp_units_are_the_decoder_layers(kind):
     assert units == list(layers)  # the vision tower stays in the root unit (ranks may skip it)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rank_without_images_still_calls_the_vision_tower_when_ranks_agree(kind):
+    """Sharded training: if another rank has images, a text-only rank runs the tower on a blank image."""
+    model = ReMatchModel(make_backbone(kind), k=2, matching="none")
+    calls = []
+    model.backbone.hf.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    none = torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
+    assert model.image_features(*none) == [] and calls == []  # alone: nothing to run
+    model.max_over_ranks = lambda n: 1  # another rank has images
+    assert model.image_features(*none) == [] and calls == [1]
+    model.max_over_ranks = lambda n: n  # no rank has images: nobody runs it
+    assert model.image_features(*none) == [] and calls == [1]
+
+
 def test_resume_refuses_a_different_optimisation_mode():
     module = ReMatchModule(ReMatchModel(make_backbone("qwen2vl"), k=2, matching="none"))  # automatic
     module.on_load_checkpoint({"rematch_manual_optimization": False})  # same mode: fine
