@@ -36,3 +36,8 @@ def test_train_and_max_batch_suites_write_json(tmp_path):
     res = main(["--suite", "max_batch", "--start", "2", "--limit", "4", "--chunk", "2", "--out", str(tmp_path / "m.json")])
     assert [(r["variant"], r["gradcache_chunk"], r["max_batch"]) for r in res["runs"]] == [
         ("baseline", None, 4), ("baseline", 2, 4), ("rematch", None, 4), ("rematch", 2, 4)]  # CPU: bounded by --limit
+
+
+def test_gpu_suite_refuses_a_cpu_clearly():
+    with pytest.raises(SystemExit, match="CUDA"):
+        main(["--suite", "gpu", "--device", "cpu"])

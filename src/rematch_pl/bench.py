@@ -9,7 +9,9 @@ Qwen2-VL-2B/7B-shaped models from config on a GPU, no download):
 (c) encoding with K=16 learnable tokens against last-token pooling.
 
 `--suite train` times training steps (baseline vs full ReMatch, with and without GradCache);
-`--suite max_batch` searches the largest per-GPU batch that fits in memory for each.
+`--suite max_batch` searches the largest per-GPU batch that fits in memory for each;
+`--suite gpu` (CUDA only) runs the train suite for the 2B and 7B shapes and the 2B batch search
+into one JSON (what `scripts/gpu_bench.sh` runs, plus the matching and encode suites).
 """
 
 from __future__ import annotations
@@ -371,7 +373,7 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["matching", "train", "max_batch"], default="matching")
+    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "gpu"], default="matching")
     ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
     ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes for --suite train")
@@ -386,7 +388,13 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
-    if a.suite == "max_batch":
+    if a.suite == "gpu":
+        if a.device != "cuda":
+            raise SystemExit("--suite gpu needs a CUDA device (on CPU: --suite train | matching | max_batch)")
+        res = {"train_2b": suite_train("2b", "cuda", dtype, [16, 128], 448, a.iters, 16),
+               "train_7b": suite_train("7b", "cuda", dtype, [16], 448, a.iters, 8),
+               "max_batch_2b": suite_max_batch("2b", "cuda", dtype, 448, 16, a.limit, 16)}
+    elif a.suite == "max_batch":
         print(f"bench max_batch: shape={a.shape} device={a.device} dtype={dtype} (GradCache chunk {a.chunk})")
         res = suite_max_batch(a.shape, a.device, dtype, image_size, a.chunk, a.limit, a.start)
     elif a.suite == "train":
