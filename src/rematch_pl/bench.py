@@ -204,6 +204,15 @@ def matmul_peak_tflops(device: str) -> float:
     return 2 * 8192**3 / t / 1e12
 
 
+# The step variants the train benchmarks compare (ReMatchModel keyword arguments).
+VARIANTS = {
+    "baseline": dict(k=0, matching="none", template="plain"),
+    "rematch": dict(k=16, matching="all", template="chat"),
+    "rematch_feat_feat": dict(k=16, matching="feat_feat", template="chat"),
+    "rematch_no_matching": dict(k=16, matching="none", template="chat"),
+}
+
+
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
                 chunk: int) -> dict:
     """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache."""
@@ -211,18 +220,12 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
 
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype)
-    variants = {
-        "baseline": dict(k=0, matching="none", template="plain"),
-        "rematch": dict(k=16, matching="all", template="chat"),
-        "rematch_feat_feat": dict(k=16, matching="feat_feat", template="chat"),
-        "rematch_no_matching": dict(k=16, matching="none", template="chat"),
-    }
     peak = matmul_peak_tflops(device)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "image_size": image_size, "matmul_peak_tflops": peak, "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device)
-        for name, kw in variants.items():
+        for name, kw in VARIANTS.items():
             for gc in ([None, chunk] if chunk and B > chunk else [None]):
                 if gc is not None and name not in ("baseline", "rematch"):
                     continue
@@ -302,13 +305,11 @@ def suite_max_batch(shape: str, device: str, dtype: str, image_size: int, chunk:
 
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype)
-    variants = {"baseline": dict(k=0, matching="none", template="plain"),
-                "rematch": dict(k=16, matching="all", template="chat")}
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "image_size": image_size, "limit": limit, "runs": []}
     if device == "cuda":
         res["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    for name, kw in variants.items():
+    for name, kw in ((v, VARIANTS[v]) for v in ("baseline", "rematch")):
         for gc in (None, chunk):
             model = ReMatchModel(bb, **kw).to(device).train()
 

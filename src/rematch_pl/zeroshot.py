@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -369,25 +368,22 @@ def write_synthetic_zeroshot(out_dir: str | os.PathLike, seed: int = 0, n_images
     caption/, SugarCrepe: per-part JSON) and, with `mmeb`, converted to the MMEB-eval layout under
     ``mmeb/``. Idempotent (a complete folder is reused). Returns `out_dir`.
     """
+    from rematch_pl.data.synthetic import _all_concepts
+
+    from .folders import build_once
+
+    if n_images > len(_all_concepts()):
+        raise ValueError(f"n_images <= {len(_all_concepts())} (one scene per concept)")
+    params = {"seed": seed, "n_images": n_images, "image_size": image_size, "mmeb": mmeb, "version": 1}
+    return build_once(out_dir, "zeroshot.json", params,
+                      lambda out: _write_zeroshot(out, seed, n_images, image_size, mmeb), ZeroShotDataError)
+
+
+def _write_zeroshot(out: Path, seed: int, n_images: int, image_size: int, mmeb: bool) -> None:
     from rematch_pl.data.synthetic import (COLOURS, SHAPES, _all_concepts, _concept_image, caption, cell_scene)
 
-    final = Path(out_dir)
-    marker = final / "zeroshot.json"
-    params = {"seed": seed, "n_images": n_images, "image_size": image_size, "mmeb": mmeb, "version": 1}
-    if marker.exists():
-        found = json.loads(marker.read_text())
-        if found != params:
-            raise ZeroShotDataError(f"{final} holds synthetic zero-shot sets made with {found}, not {params}: "
-                                    "delete that folder or write elsewhere")
-        return final
-    if final.exists() and any(final.iterdir()):
-        raise ZeroShotDataError(f"{final} exists, is not empty and holds no complete synthetic zero-shot sets")
-    out = final.with_name(f".{final.name}.tmp{os.getpid()}")  # built aside, renamed into place (several ranks)
-    shutil.rmtree(out, ignore_errors=True)
     rng = random.Random(f"{seed}|zeroshot")
     concepts = _all_concepts()
-    if n_images > len(concepts):
-        raise ValueError(f"n_images <= {len(concepts)} (one scene per concept)")
 
     def scenes(sub: str):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -455,16 +451,6 @@ def write_synthetic_zeroshot(out_dir: str | os.PathLike, seed: int = 0, n_images
     if mmeb:
         sets = {name: load_set(name, **path_args) for name, path_args in synthetic_paths(out).items()}
         to_mmeb_layout(sets, out / "mmeb")
-    (out / "zeroshot.json").write_text(json.dumps(params))
-    try:
-        if final.exists():
-            final.rmdir()  # empty (checked above)
-        out.rename(final)
-    except OSError:
-        if not marker.exists():  # not another process finishing first
-            raise
-    shutil.rmtree(out, ignore_errors=True)
-    return final
 
 
 def synthetic_paths(root: str | os.PathLike, layout: str = "public") -> dict[str, dict]:

@@ -9,7 +9,6 @@ fixed corpus, the weights come from a fixed seed.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -149,14 +148,15 @@ def make_tiny_backbone(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> 
 
     Idempotent: an existing complete folder is left as it is.
     """
+    from ..folders import build_once
+
+    return build_once(out_dir, "rematch_tiny.json", {"kind": kind, "seed": seed},
+                      lambda tmp: _write_tiny(tmp, kind, seed))
+
+
+def _write_tiny(tmp: Path, kind: str, seed: int) -> None:
     from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
-    out = Path(out_dir)
-    marker = out / "rematch_tiny.json"
-    if marker.exists():
-        return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = len(tokenizer) + (-len(tokenizer)) % 64  # round up like real checkpoints
@@ -172,14 +172,6 @@ def make_tiny_backbone(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> 
     tokenizer.save_pretrained(tmp)
     # Small images: 56*56 .. 112*112 pixels (4..16 merged image tokens).
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(tmp)
-    (tmp / "rematch_tiny.json").write_text(json.dumps({"kind": kind, "seed": seed}))
-    if out.exists():  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    tmp.rename(out)
-    return out
 
 
 TINY_VERSION = "v2"  # bump when the tiny checkpoints change (the cache folder name carries it)

@@ -32,15 +32,14 @@ same arguments is reused; it is built in a temporary folder and renamed into pla
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from rematch_pl.data.mmeb import DataError
+from rematch_pl.folders import build_once
 
 SUBSETS = ("Syn_CLS", "Syn_VQA", "Syn_T2I", "Syn_I2T", "Syn_VG")
 SHAPES = ("circle", "square", "triangle")
@@ -359,39 +358,18 @@ def generate_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_train_per_su
         raise ValueError(f"n_candidates must be >= 2, got {n_candidates}")
     params = dict(format_version=FORMAT_VERSION, seed=seed, n_train_per_subset=n_train_per_subset,
                   n_eval_queries=n_eval_queries, image_size=image_size, n_candidates=n_candidates)
-    out = Path(out_dir)
-    marker = out / MARKER
-    if marker.exists():
-        found = json.loads(marker.read_text())
-        if found != params:
-            raise DataError(f"{out} holds a synthetic dataset made with {found}, not {params}: "
-                            "give another synthetic.out_dir or delete that folder")
-        return out
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists, is not empty and is not a complete synthetic dataset "
-                        f"(no {MARKER}): give another synthetic.out_dir or delete that folder")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for subset in SUBSETS:
-            _train_subset(tmp, subset, seed, n_train_per_subset, image_size)
-            _eval_subset(tmp, subset, seed, n_eval_queries, image_size, n_candidates)
-        _write_card(tmp / "train", "original", "Synthetic MMEB-train")
-        _write_card(tmp / "hardneg", "original", "Synthetic hard negatives (mmE5 layout)")
-        _write_card(tmp / "eval", "test", "Synthetic MMEB-eval")
-        (tmp / MARKER).write_text(json.dumps(params))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    except OSError:
-        if (out / MARKER).exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return generate_synthetic(out_dir, seed, n_train_per_subset, n_eval_queries, image_size, n_candidates)
-        raise
-    finally:
-        if tmp.exists() and (out / MARKER).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out_dir, MARKER, params, lambda tmp: _write_dataset(
+        tmp, seed, n_train_per_subset, n_eval_queries, image_size, n_candidates), DataError)
+
+
+def _write_dataset(tmp: Path, seed: int, n_train_per_subset: int, n_eval_queries: int, image_size: int,
+                   n_candidates: int) -> None:
+    for subset in SUBSETS:
+        _train_subset(tmp, subset, seed, n_train_per_subset, image_size)
+        _eval_subset(tmp, subset, seed, n_eval_queries, image_size, n_candidates)
+    _write_card(tmp / "train", "original", "Synthetic MMEB-train")
+    _write_card(tmp / "hardneg", "original", "Synthetic hard negatives (mmE5 layout)")
+    _write_card(tmp / "eval", "test", "Synthetic MMEB-eval")
 
 
 def synthetic_paths(out_dir: str | os.PathLike) -> dict[str, str]:
