@@ -53,19 +53,22 @@ class MultiTokenFusion(nn.Module):
             return torch.cat([self.tokens[0], self.tokens[1]])
         return self.tokens[0 if side == "qry" else 1]
 
-    def token_states(self, hidden: torch.Tensor, lengths: torch.Tensor, side: str) -> torch.Tensor:
+    def token_states(self, hidden: torch.Tensor, lengths: torch.Tensor, side: str,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """Gather the states of this side's learnable tokens.
 
-        hidden: [B, L, d] right-padded; lengths: [B]. Returns [B, K, d] (K = 1 for eos pooling).
+        hidden: [B, L, d] right-padded; lengths: [B]; rows: [n] the rows of `hidden` to read
+        (default: all). Returns [n, K, d] (K = 1 for eos pooling), in one indexing op.
         """
         k = max(self.k, 1)
         offset = 0  # tokens are the last K (or 2K) positions of each row
         if self.sets == "both" and side == "qry":
             offset = self.k  # L_q sits before L_d
+        if rows is None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
         ar = torch.arange(k, device=hidden.device)  # [K]
-        idx = (lengths.view(-1, 1) - offset - k + ar.view(1, -1))  # [B, K]
-        idx = idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, K, d]
-        return hidden.gather(1, idx)  # [B, K, d]
+        pos = lengths[rows].view(-1, 1) - offset - k + ar.view(1, -1)  # [n, K]
+        return hidden[rows.view(-1, 1), pos]  # [n, K, d]
 
     @staticmethod
     def fuse(states: torch.Tensor) -> torch.Tensor:

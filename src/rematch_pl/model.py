@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .backbone.model import Backbone
 from .backbone.sequence import Ids, Segment, Vecs, build_inputs
@@ -66,10 +67,10 @@ class ReMatchModel(nn.Module):
 
     def _count(self, kind: str, packed) -> None:
         """Token counts of the passes since the last `reset_counts` (throughput and FLOP figures)."""
-        c = self.token_counts
-        c[kind] = c.get(kind, 0) + int(packed.lengths.sum())
+        c, n = self.token_counts, packed.host_lengths  # host values: counting never waits for the device
+        c[kind] = c.get(kind, 0) + sum(n)
         c[f"{kind}_padded"] = c.get(f"{kind}_padded", 0) + packed.segment_ids.numel()
-        c[f"{kind}_attn"] = c.get(f"{kind}_attn", 0) + int((packed.lengths.float() ** 2).sum())
+        c[f"{kind}_attn"] = c.get(f"{kind}_attn", 0) + sum(x * x for x in n)
 
     def reset_counts(self) -> dict:
         out, self.token_counts = dict(self.token_counts), {}
@@ -117,8 +118,12 @@ class ReMatchModel(nn.Module):
             self._count("embed", packed)
             attn = (packed.segment_ids >= 0).long()  # [n, L]
             hidden = bb(packed, attn)  # [n, L, d]
-            for j, i in enumerate(bucket):
-                states[i] = self.fusion.token_states(hidden[j:j + 1], packed.lengths[j:j + 1], sides[i])[0]  # [K, d]
+            for side in dict.fromkeys(sides[i] for i in bucket):  # one gather per side in the bucket
+                js = [j for j, i in enumerate(bucket) if sides[i] == side]
+                sel = torch.tensor(js, device=hidden.device)
+                st = self.fusion.token_states(hidden, packed.lengths, side, sel)  # [n_side, K, d]
+                for j, s in zip(js, st.unbind(0)):
+                    states[bucket[j]] = s  # [K, d]
         out, i = [], 0
         for side, contents in groups:
             st = torch.stack(states[i:i + len(contents)])  # [n, K, d]
@@ -205,12 +210,14 @@ class ReMatchModel(nn.Module):
             outs = self.embed([(s, contents) for s in sides], feats, grids)
             return {s: fused for s, (fused, _) in zip(sides, outs)}
         grids = batch["image_grid_thw"]
-        feats = self.image_features(batch["pixel_values"], grids)  # once per step, reused by matching
+        with record_function("rematch/vision"):
+            feats = self.image_features(batch["pixel_values"], grids)  # once per step, reused by matching
         q_raw, p_raw = self.contents(batch["qry"]), self.contents(batch["pos"])
         neg = batch.get("neg")
         n_raw = self.contents(neg) if neg is not None else None
         groups = [("qry", q_raw), ("doc", p_raw)] + ([("doc", n_raw)] if n_raw else [])
-        outs = self.embed(groups, feats, grids)
+        with record_function("rematch/embed"):
+            outs = self.embed(groups, feats, grids)
         (eq, q_states), (ep, p_states) = outs[0], outs[1]
         en, n_states = outs[2] if n_raw else (None, None)
         if mode == "embed":
@@ -240,7 +247,8 @@ class ReMatchModel(nn.Module):
                                       p_states, first(n_states) if n_raw else None,
                                       pos_first=cache["pos_first"] if cache else None)
             labels = mi[-1].to(eq.device)
-            logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
+            with record_function("rematch/matching"):
+                logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
             terms["loss_qdm"] = matching_loss(logits, labels)
             yes_no = logits[..., [self.matching.yes_id, self.matching.no_id]]  # [B, V, 2]
             pred_yes = yes_no[..., 0] > yes_no[..., 1]

@@ -48,6 +48,7 @@ class Packed:
     segment_ids: torch.Tensor  # [B, L]  tag of each token's segment, -1 for padding
     lengths: torch.Tensor  # [B]
     vector_index: list = field(default_factory=list)  # per row, per segment: (start, end) token spans
+    host_lengths: list[int] = field(default_factory=list)  # `lengths` on the host (no device read)
 
 
 def segment_positions(seg: Segment, image_token_id: int, grids: torch.Tensor | None, merge: int) -> tuple[torch.Tensor, int]:
@@ -153,15 +154,16 @@ def build_inputs(
         position_ids[:, b, n:] = torch.arange(last, last + L - n)
         segment_ids[b, :n] = seg_rows[b]
         vec_mask[b, :n] = vec_masks[b]
+    img_mask = (input_ids == image_token_id) & ~vec_mask  # [B, L], checked on the host (no device read)
     input_ids = input_ids.to(device)
     embeds = embed_tokens(input_ids)  # [B, L, d]
     if img_order:
         feats = torch.cat([image_features[i] for i in img_order]).to(device, dtype)  # [n_img_tokens, d]
-        img_mask = (input_ids == image_token_id) & ~vec_mask.to(device)
         if int(img_mask.sum()) != feats.shape[0]:
             raise ValueError(f"image tokens ({int(img_mask.sum())}) and image features ({feats.shape[0]}) do not match")
-        embeds = embeds.masked_scatter(img_mask.unsqueeze(-1), feats)
+        embeds = embeds.masked_scatter(img_mask.to(device).unsqueeze(-1), feats)
     if vec_chunks:
         vecs = torch.cat(vec_chunks).to(device, dtype)  # [n_vec, d]
         embeds = embeds.masked_scatter(vec_mask.to(device).unsqueeze(-1), vecs)
-    return Packed(embeds, position_ids.to(device), segment_ids.to(device), lengths.to(device), spans_rows)
+    return Packed(embeds, position_ids.to(device), segment_ids.to(device), lengths.to(device), spans_rows,
+                  lengths.tolist())

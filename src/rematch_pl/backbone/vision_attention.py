@@ -1,0 +1,105 @@
+"""Vision-tower attention over equal-length runs of images in one batched SDPA call.
+
+Qwen2-VL / Qwen2.5-VL encode all images of a batch as one flat patch sequence and attend within
+each image (Qwen2.5-VL: within each window on most layers), described by ``cu_seqlens``. Without
+flash-attn, transformers runs one SDPA call per image per layer and reads the image lengths back
+from the device at every layer (``lengths.tolist()``): B images x 32 layers small kernels and 32
+host syncs per vision forward.
+
+`grouped_forward` computes the same attention with one SDPA call per *run* of consecutive
+images (or windows) of equal length, as a batch [n, heads, len, head_dim], and reads the lengths
+once per ``cu_seqlens`` tensor (all layers share it). Images of one size (fixed-size training
+images, the evaluation engine's length-sorted batches) form a single run. The arithmetic per
+image is unchanged (tested against transformers' per-image loop on both model families).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Plans of the last few cu_seqlens tensors (a vision forward passes the same tensor object to
+# every layer; Qwen2.5-VL alternates two). Each entry keeps its tensor alive, so ids stay unique.
+_PLANS: dict[int, tuple[torch.Tensor, list[tuple[int, int, int]]]] = {}
+_MAX_PLANS = 4
+
+
+def runs_of(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(first token, number of segments, segment length)] for runs of equal-length segments."""
+    hit = _PLANS.get(id(cu_seqlens))
+    if hit is not None and hit[0] is cu_seqlens:
+        return hit[1]
+    bounds = cu_seqlens.tolist()  # the one host read for this tensor
+    runs: list[tuple[int, int, int]] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        n = b - a
+        if n == 0:
+            continue
+        if runs and runs[-1][2] == n:
+            s, c, _ = runs[-1]
+            runs[-1] = (s, c + 1, n)
+        else:
+            runs.append((a, 1, n))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[id(cu_seqlens)] = (cu_seqlens, runs)
+    return runs
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]],
+                      scale: float) -> torch.Tensor:
+    """Block-diagonal attention. q, k, v: [heads, S, head_dim] -> [S, heads, head_dim]."""
+    H, S, D = q.shape
+    outs = []
+    for start, n, length in runs:
+        span = slice(start, start + n * length)
+        # [H, n*len, D] -> [n, H, len, D]: each image (window) one batch entry
+        qs, ks, vs = (t[:, span].view(H, n, length, D).transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # [n, H, len, D]
+        outs.append(o.transpose(1, 2).reshape(n * length, H, D))  # [n*len, H, D]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]  # [S, H, D]
+
+
+def grouped_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    """Drop-in forward of transformers' Qwen2-VL / Qwen2.5-VL vision attention (SDPA, no dropout)."""
+    S = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(S, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, D]
+    cos, sin = position_embeddings
+    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    q, k = rotary(q, k, cos, sin)
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, S, D]
+    out = grouped_attention(q, k, v, runs_of(cu_seqlens), self.scaling)  # [S, H, D]
+    return self.proj(out.reshape(S, -1))
+
+
+def _compatible(attn: nn.Module) -> bool:
+    """The attention module looks like the one `grouped_forward` replaces (same parts, same call)."""
+    params = inspect.signature(type(attn).forward).parameters
+    parts = all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "scaling", "config"))
+    rotary = hasattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+    return parts and rotary and list(params)[1:4] == ["hidden_states", "cu_seqlens", "position_embeddings"]
+
+
+def set_grouped_vision_attention(hf_model: nn.Module, enabled: bool = True) -> int:
+    """Use (or stop using) `grouped_forward` in every vision attention module of a Qwen2(.5)-VL
+    model that runs SDPA. Returns the number of modules now grouped. Flash-attention (already
+    varlen) and eager (returns attention maps) keep transformers' forward."""
+    visual = getattr(getattr(hf_model, "model", hf_model), "visual", None)
+    if visual is None:
+        return 0
+    n = 0
+    for blk in visual.blocks:
+        attn = blk.attn
+        if "forward" in attn.__dict__:
+            del attn.forward  # back to the class's forward
+        if enabled and attn.config._attn_implementation == "sdpa" and _compatible(attn) \
+                and attn.attention_dropout == 0.0:
+            attn.forward = MethodType(grouped_forward, attn)
+            n += 1
+    return n

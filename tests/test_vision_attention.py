@@ -1,0 +1,84 @@
+"""Grouped vision attention == transformers' per-image loop, with one SDPA call per equal-length run."""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tinyutil import KINDS
+from rematch_pl.backbone.vision_attention import runs_of, set_grouped_vision_attention
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _pixels(bb, grids: list[list[int]], seed: int = 0):
+    """Random patch inputs for the given (t, h, w) grids, bigger than the tiny processor makes:
+    Qwen2.5-VL's windows then include partial ones at the image edges."""
+    v = bb.hf.config.vision_config
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    grid = torch.tensor(grids)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(int(grid.prod(-1).sum()), dim, generator=g), grid
+
+
+# equal-size runs, sizes that differ, a wide one spanning several (and partial) windows
+GRIDS = [[1, 8, 8], [1, 8, 8], [1, 8, 8], [1, 6, 4], [1, 12, 20], [1, 4, 6], [1, 4, 6], [1, 8, 8]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grouped_vision_attention_equals_per_image_attention(backbones, kind):
+    bb = backbones[kind]
+    assert bb.grouped_vision_layers == len(bb.hf.model.visual.blocks)
+    pv, grid = _pixels(bb, GRIDS)
+    try:
+        with torch.no_grad():
+            grouped = bb.encode_images(pv, grid)
+            assert set_grouped_vision_attention(bb.hf, False) == 0
+            reference = bb.encode_images(pv, grid)  # transformers' own forward
+    finally:
+        set_grouped_vision_attention(bb.hf, True)
+    assert [x.shape for x in grouped] == [x.shape for x in reference]
+    for a, b in zip(grouped, reference):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_one_sdpa_call_per_run_of_equal_images(backbones):
+    bb = backbones["qwen2vl"]  # full attention on every layer: one segment per image
+    layers = len(bb.hf.model.visual.blocks)
+    pv, grid = _pixels(bb, [[1, 8, 8]] * 6 + [[1, 4, 6]] * 2)
+    with torch.no_grad(), _CountOps() as grouped:
+        bb.encode_images(pv, grid)
+    try:
+        set_grouped_vision_attention(bb.hf, False)
+        with torch.no_grad(), _CountOps() as per_image:
+            bb.encode_images(pv, grid)
+    finally:
+        set_grouped_vision_attention(bb.hf, True)
+    sdpa = lambda c: sum(n for op, n in c.ops.items() if "attention" in op)  # noqa: E731
+    assert sdpa(grouped) == 2 * layers  # runs: 6 images of 8x8, 2 of 4x6
+    assert sdpa(per_image) == 8 * layers
+
+
+def test_runs_of_reads_each_cu_seqlens_once():
+    cu = torch.tensor([0, 4, 8, 8, 12, 18, 24, 26], dtype=torch.int32)
+    runs = runs_of(cu)
+    assert runs == [(0, 3, 4), (12, 2, 6), (24, 1, 2)]  # the empty segment is skipped
+    assert runs_of(cu) is runs  # same tensor object (every layer of one forward): no new read
+    assert runs_of(cu.clone()) == runs and runs_of(cu.clone()) is not runs
+
+
+def test_eager_vision_attention_keeps_transformers_forward(tiny_paths):
+    from rematch_pl.backbone.model import load_backbone
+
+    bb = load_backbone(tiny_paths["qwen2vl"], attn_implementation="eager")
+    assert bb.grouped_vision_layers == 0
+    assert all("forward" not in blk.attn.__dict__ for blk in bb.hf.model.visual.blocks)
