@@ -10,6 +10,14 @@ Qwen2-VL-2B/7B-shaped models from config on a GPU, no download):
 
 `--suite train` times training steps (baseline vs full ReMatch, with and without GradCache);
 `--suite max_batch` searches the largest per-GPU batch that fits in memory for each;
+`--suite vision` times the vision tower with grouped attention (one SDPA call per run of
+equal-size images) against transformers' per-image loop;
+`--suite flops` (any machine) counts the FLOPs of one training step of each variant for a
+2B/7B shape from the real token layout (tokens counted with the tiny model fed the same
+inputs), i.e. the step-time ratios a FLOP-bound device would show;
+`--suite profile` profiles one training step of each variant (torch.profiler): where the time
+goes (vision tower, embedding passes, matching pass, backward), how busy the device is, kernel
+launches and host-device synchronisations, the top operators;
 `--suite gpu` (CUDA only) runs the train suite for the 2B and 7B shapes and the 2B batch search
 into one JSON (what `scripts/gpu_bench.sh` runs, plus the matching and encode suites).
 """
@@ -167,28 +175,44 @@ def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int,
     return res
 
 
-def step_flops(bb: Backbone, counts: dict, patches: int, gradcache: bool) -> float:
-    """FLOPs executed by one training step, from the token counts the model recorded.
+def llm_forward_flops(bb: Backbone, tokens: int, attn_pairs: int) -> float:
+    """Forward FLOPs of the language model over `tokens` tokens whose rows have sum(len^2) = `attn_pairs`.
 
-    Per token of a pass the LLM does 2 * N_llm (matrix products) + 2 * layers * d * ctx
-    (attention scores and values; ctx summed exactly as sum(len^2) / 2 under the causal mask)
-    FLOPs forward. LoRA: frozen weights get no weight gradient, so the backward pass costs one
-    more forward (input gradients only); gradient checkpointing recomputes one forward; GradCache
-    adds one no-grad forward of the embedding passes. The frozen vision tower runs one forward
-    per image (2 * N_vis per patch). Recomputation is included (this is hardware FLOP
-    utilisation); LoRA's rank-r matrices are included in N_llm.
+    2 * N_llm per token (matrix products; LoRA's rank-r matrices included, the embedding table
+    excluded) + 2 * layers * d * sum(len^2) for attention (QK^T and AV, 2 FLOPs per multiply-add,
+    over the len^2 / 2 (query, key) pairs of a causal row).
     """
     hf = bb.hf
     n_llm = sum(p.numel() for n, p in hf.model.language_model.named_parameters() if "embed_tokens" not in n)
-    n_vis = sum(p.numel() for p in hf.model.visual.parameters())
     cfg = hf.config.text_config
-    attn_coeff = 2 * cfg.num_hidden_layers * cfg.hidden_size  # per (query, key) pair: QK^T and AV, 2 FLOPs each
+    return 2 * n_llm * tokens + 2 * cfg.num_hidden_layers * cfg.hidden_size * attn_pairs
 
+
+def vision_flops(bb: Backbone, image_patches: list[int]) -> float:
+    """Forward FLOPs of the vision tower (and merger) over images of the given patch counts:
+    2 * N_vis per patch + 4 * layers * d * patches^2 per image (full attention within the image;
+    an upper bound for Qwen2.5-VL, whose windowed layers attend less)."""
+    hf = bb.hf
+    n_vis = sum(p.numel() for p in hf.model.visual.parameters())
+    v = hf.config.vision_config
+    d = getattr(v, "embed_dim", None) or v.hidden_size
+    return sum(2 * n_vis * p + 4 * v.depth * d * p * p for p in image_patches)
+
+
+def step_flops(bb: Backbone, counts: dict, image_patches: list[int], gradcache: bool) -> float:
+    """FLOPs executed by one training step, from the token counts the model recorded.
+
+    Forward FLOPs of a pass: `llm_forward_flops`. LoRA: frozen weights get no weight gradient,
+    so the backward pass costs one more forward (input gradients only); gradient checkpointing
+    recomputes one forward; GradCache adds one no-grad forward of the embedding passes. The
+    frozen vision tower runs one forward per image (`vision_flops`). Recomputation is included
+    (this is hardware FLOP utilisation).
+    """
     def fwd(kind):
-        return 2 * n_llm * counts.get(kind, 0) + attn_coeff * counts.get(f"{kind}_attn", 0)  # attn: len^2 / 2 * 2
+        return llm_forward_flops(bb, counts.get(kind, 0), counts.get(f"{kind}_attn", 0))
 
-    passes = 2 + (1 if hf.is_gradient_checkpointing else 0)
-    total = passes * (fwd("embed") + fwd("match")) + 2 * n_vis * patches
+    passes = 2 + (1 if bb.hf.is_gradient_checkpointing else 0)
+    total = passes * (fwd("embed") + fwd("match")) + vision_flops(bb, image_patches)
     if gradcache:  # the embed counts hold the no-grad pass and the re-forward (half each): the no-grad
         total -= (passes - 1) * fwd("embed") / 2  # half runs forward only: (1 + passes) / 2 * fwd("embed")
     return total
@@ -253,7 +277,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                     row.update(step_s=t, samples_per_s=B / t, tokens_per_s=n_tok / t)
                     if device == "cuda":
                         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                        patches = int(batch["image_grid_thw"].prod(-1).sum())
+                        patches = batch["image_grid_thw"].prod(-1).tolist()
                         row["tflops_per_step"] = step_flops(bb, counts, patches, gc is not None) / 1e12
                         row["mfu"] = row["tflops_per_step"] / t / peak
                     row["tokens"] = counts
@@ -340,6 +364,146 @@ def suite_max_batch(shape: str, device: str, dtype: str, image_size: int, chunk:
     return res
 
 
+def suite_vision(shape: str, device: str, dtype: str, n_images: int, image_size: int, iters: int) -> dict:
+    """Vision tower: grouped attention (`backbone.vision_attention`) against the per-image loop."""
+    from PIL import Image
+
+    from .backbone.vision_attention import set_grouped_vision_attention
+
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(image_size, image_size, 3, generator=g) * 255).byte().numpy())
+            for _ in range(n_images)]
+    ib = bb.processor.process_images(imgs)
+    pv, grid = ib.pixel_values.to(device, bb.embed_tokens.weight.dtype), ib.grid_thw.to(device)
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+           "images": n_images, "image_size": image_size, "patches": int(grid.prod(-1).sum())}
+    with torch.no_grad():
+        for name, grouped in (("per_image", False), ("grouped", True)):
+            set_grouped_vision_attention(bb.hf, grouped)
+            t = timeit(lambda: bb.encode_images(pv, grid), device, warmup=1, iters=iters)
+            res[f"{name}_s"] = t
+            res[f"{name}_images_per_s"] = n_images / t
+    res["speedup"] = res["per_image_s"] / res["grouped_s"]
+    print_rows(f"bench vision: shape={shape} device={res['device']} dtype={dtype} {n_images} images "
+               f"{image_size}x{image_size}", [
+                   ("per-image attention (transformers)", f"{res['per_image_s'] * 1e3:.1f} ms "
+                                                          f"({res['per_image_images_per_s']:.1f} images/s)"),
+                   ("grouped attention", f"{res['grouped_s'] * 1e3:.1f} ms ({res['grouped_images_per_s']:.1f} images/s)"),
+                   ("speed-up", f"{res['speedup']:.2f}x")])
+    return res
+
+
+PHASES = ("rematch/vision", "rematch/embed", "rematch/matching")
+
+
+def profile_step(run, device: str, top: int = 12) -> dict:
+    """torch.profiler over one call of `run` (a training step): wall time, device-busy time, the
+    phases marked by `ReMatchModel.forward` (``record_function``), kernel launches, host-device
+    synchronisations and memory copies, and the `top` operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    self_t = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    busy = sum(e.self_device_time_total for e in ev) / 1e6 if cuda else float("nan")
+    by_key = {e.key: e for e in ev}
+    phases = {p.split("/")[1]: (by_key[p].device_time_total if cuda else by_key[p].cpu_time_total) / 1e6
+              for p in PHASES if p in by_key}
+    count = lambda pred: sum(e.count for e in ev if pred(e.key))  # noqa: E731
+    ops = [e for e in ev if e.key.startswith("aten::")]
+    return {
+        "wall_s": wall,
+        "device_busy_s": busy,  # sum of kernel times (overlapping streams counted twice)
+        "device_busy_fraction": busy / wall if cuda else float("nan"),
+        "phase_s": phases,  # forward phases; on a GPU: device time of their kernels
+        "aten_ops": sum(e.count for e in ops),
+        "kernel_launches": count(lambda k: "LaunchKernel" in k),
+        "syncs": count(lambda k: k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")),
+        "memcpy_calls": count(lambda k: k.startswith("cudaMemcpy")),
+        "top": [{"op": e.key, "count": e.count, "self_s": self_t(e) / 1e6}
+                for e in sorted((e for e in ev if not e.key.startswith("rematch/")), key=self_t, reverse=True)[:top]],
+    }
+
+
+def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int) -> dict:
+    """`profile_step` of one training step of each variant in `VARIANTS` on the same batch."""
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, device, dtype)
+    batch = make_batch(bb.processor, B, image_size, device)
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+           "batch": B, "image_size": image_size, "runs": {}}
+    for name, kw in VARIANTS.items():
+        model = ReMatchModel(bb, **kw).to(device).train()
+
+        def run(model=model):
+            model(batch)["loss"].backward()
+            model.zero_grad(set_to_none=True)
+
+        for _ in range(2):  # warm-up: kernels, allocator
+            run()
+        r = res["runs"][name] = profile_step(run, device)
+        busy = f" device busy {r['device_busy_fraction'] * 100:.0f}%" if device == "cuda" else ""
+        phases = " ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["phase_s"].items())
+        print(f"{name:22s} step {r['wall_s'] * 1e3:8.1f} ms{busy} | {phases} | aten ops {r['aten_ops']} "
+              f"launches {r['kernel_launches']} syncs {r['syncs']} memcpy {r['memcpy_calls']}", flush=True)
+        for t in r["top"][:6]:
+            print(f"    {t['self_s'] * 1e3:8.1f} ms  {t['count']:6d}x  {t['op']}")
+        del model
+    return res
+
+
+def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0) -> dict:
+    """FLOPs per training step of each variant in `VARIANTS` for a 2B/7B shape, no device needed.
+
+    The token layout (template, K tokens, the matching pass's segments, image tokens) does not
+    depend on the model's width: the tiny model is run on the inputs the real-size processor makes
+    (MMEB-like 448 px images), its token counts are then priced with the real shape's parameter
+    counts (`step_flops`, a parameter-free copy on the meta device, gradient checkpointing on).
+    """
+    from .backbone.processor import MultimodalProcessor
+    from .backbone.tiny import resolve_tiny
+
+    torch.manual_seed(0)
+    big = shaped_backbone(shape, "meta", "bf16")  # parameter counts only
+    tiny = shaped_backbone("tiny", "cpu", "fp32")
+    lo, hi = big.processor.pixel_range
+    tiny.processor = MultimodalProcessor.from_pretrained(resolve_tiny("qwen2vl"), min_pixels=lo, max_pixels=hi)
+    batch = make_batch(tiny.processor, B, image_size, "cpu")
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    res = {"shape": shape, "batch": B, "image_size": image_size, "gradcache_chunk": chunk or None, "runs": {}}
+    for name, kw in VARIANTS.items():
+        model = ReMatchModel(tiny, **kw).eval()
+        model.reset_counts()
+        with torch.no_grad():
+            model(batch)
+        counts = model.reset_counts()
+        if chunk:  # GradCache: a no-grad pass plus the re-forward of the embedding passes
+            counts = dict(counts, embed=2 * counts["embed"], embed_attn=2 * counts["embed_attn"])
+        res["runs"][name] = {"tflop": step_flops(big, counts, patches, bool(chunk)) / 1e12,
+                             "embed_tokens": counts["embed"] // (2 if chunk else 1), "match_tokens": counts.get("match", 0)}
+    base = res["runs"]["baseline"]["tflop"]
+    nm = res["runs"]["rematch_no_matching"]["tflop"]
+    rows = []
+    for name, r in res["runs"].items():
+        r["ratio_to_baseline"] = r["tflop"] / base
+        r["ratio_to_no_matching"] = r["tflop"] / nm
+        rows.append((name, f"{r['tflop']:8.1f} TFLOP  x{r['ratio_to_baseline']:.2f} baseline  "
+                           f"x{r['ratio_to_no_matching']:.2f} K=16 no matching  "
+                           f"({r['embed_tokens']} embedding + {r['match_tokens']} matching tokens)"))
+    print_rows(f"bench flops: Qwen2-VL-{shape} shape, batch {B} triples, {image_size} px images, "
+               f"gradient checkpointing{', GradCache' if chunk else ''}", rows)
+    return res
+
+
 def _fmt_row(r: dict) -> str:
     if r.get("oom"):
         return f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} OOM"
@@ -374,7 +538,7 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "gpu"], default="matching")
+    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "profile", "flops", "gpu"], default="matching")
     ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
     ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes for --suite train")
@@ -395,6 +559,13 @@ def main(argv=None) -> dict:
         res = {"train_2b": suite_train("2b", "cuda", dtype, [16, 128], 448, a.iters, 16),
                "train_7b": suite_train("7b", "cuda", dtype, [16], 448, a.iters, 8),
                "max_batch_2b": suite_max_batch("2b", "cuda", dtype, 448, 16, a.limit, 16)}
+    elif a.suite == "flops":
+        res = suite_flops("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, a.chunk)
+    elif a.suite == "profile":
+        print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
+        res = suite_profile(a.shape, a.device, dtype, a.batch, image_size)
+    elif a.suite == "vision":
+        res = suite_vision(a.shape, a.device, dtype, a.batch, image_size, a.iters)
     elif a.suite == "max_batch":
         print(f"bench max_batch: shape={a.shape} device={a.device} dtype={dtype} (GradCache chunk {a.chunk})")
         res = suite_max_batch(a.shape, a.device, dtype, image_size, a.chunk, a.limit, a.start)

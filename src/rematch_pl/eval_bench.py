@@ -96,8 +96,8 @@ _TEXTS = ["dog", "a tabby cat sleeping on a sofa", "Represent the answer: two",
 def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int, batch: int, workers: int,
                  sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None) -> dict:
     from .backbone.model import DTYPES
-    from .bench import shaped_backbone
-    from .evaluation.engine import Engine, Request
+    from .bench import llm_forward_flops, matmul_peak_tflops, shaped_backbone, vision_flops
+    from .evaluation.engine import Engine, Request, estimate_image_tokens
     from .model import ReMatchModel
 
     torch.manual_seed(0)
@@ -117,21 +117,37 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
         txt_reqs = [Request(f"{rng.choice(_TEXTS)} ({i})", None, "doc") for i in range(n_text + batch)]
         engine = Engine(model, None, None, batch_size=batch, num_workers=workers, max_length=2048, progress=False)
         engine.encode(img_reqs[:batch] + txt_reqs[:batch], desc="warm-up")  # kernels, allocator, workers
+        peak = matmul_peak_tflops(device)
+        res["matmul_peak_tflops"] = round(peak, 1)
+        merge2 = bb.merge ** 2
         for kind, reqs in (("image", img_reqs[batch:]), ("text", txt_reqs[batch:])):
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            model.reset_counts()
             t = time.perf_counter()
             engine.encode(reqs, desc=kind)
             if device == "cuda":
                 torch.cuda.synchronize()
                 res[f"{kind}_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             dt = time.perf_counter() - t
+            counts = model.reset_counts()
+            patches = [estimate_image_tokens(r.image, bb.processor) * merge2 for r in reqs if r.image]
+            flops = llm_forward_flops(bb, counts.get("embed", 0), counts.get("embed_attn", 0)) + vision_flops(bb, patches)
             res[f"{kind}_items"] = len(reqs)
             res[f"{kind}_s"] = round(dt, 2)
             res[f"{kind}_items_per_s"] = round(len(reqs) / dt, 2)
+            res[f"{kind}_tokens_per_item"] = round(counts.get("embed", 0) / len(reqs), 1)
+            res[f"{kind}_patches_per_item"] = round(sum(patches) / len(reqs), 1)
+            res[f"{kind}_tflop_per_item"] = flops / len(reqs) / 1e12
+            res[f"{kind}_tflops"] = round(flops / dt / 1e12, 2)  # achieved
+            res[f"{kind}_mfu"] = flops / dt / 1e12 / peak if device == "cuda" else float("nan")
     counts = counted(mmeb, mmeb_images) if mmeb else assumed_counts()
     proj = counts["image_items"] / res["image_items_per_s"] + counts["text_items"] / res["text_items_per_s"]
+    # the same items at the card's full matrix-product peak: the floor no engine can beat
+    floor = (counts["image_items"] * res["image_tflop_per_item"] + counts["text_items"] * res["text_tflop_per_item"]) \
+        / peak if device == "cuda" else float("nan")
+    res["mmeb_floor_at_peak_s"] = round(floor, 1)
     res["mmeb_counts"] = counts
     res["mmeb_projected_s"] = round(proj, 1)
     res["mmeb_projected_h"] = round(proj / 3600, 2)
@@ -146,10 +162,18 @@ def print_table(res: dict) -> None:
         ("image items (instruction + image)", f"{res['image_items_per_s']:.1f} items/s  ({res['image_items']} in "
                                                f"{res['image_s']:.1f} s, sizes {', '.join(res['image_sizes'])})"),
         ("text items", f"{res['text_items_per_s']:.1f} items/s  ({res['text_items']} in {res['text_s']:.1f} s)"),
+        ("work per image item", f"{res['image_tflop_per_item'] * 1e3:.1f} GFLOP ({res['image_patches_per_item']:.0f} patches, "
+                                f"{res['image_tokens_per_item']:.0f} LLM tokens); achieved {res['image_tflops']:.1f} "
+                                f"TFLOP/s" + (f", MFU {res['image_mfu'] * 100:.0f}%" if res["image_mfu"] == res["image_mfu"] else "")),
+        ("work per text item", f"{res['text_tflop_per_item'] * 1e3:.3f} GFLOP ({res['text_tokens_per_item']:.0f} tokens); "
+                               f"achieved {res['text_tflops']:.2f} TFLOP/s"),
         ("MMEB-eval unique items", f"{c['image_items']} image + {c['text_items']} text ({c['source']})"),
         ("projected full MMEB eval, 1 device",
          f"{res['mmeb_projected_s'] / 60:.1f} min ({res['mmeb_projected_h']:.2f} h)"),
     ]
+    if res["mmeb_floor_at_peak_s"] == res["mmeb_floor_at_peak_s"]:
+        rows.append(("the same FLOPs at the matmul peak", f"{res['mmeb_floor_at_peak_s'] / 60:.1f} min "
+                                                           f"({res['matmul_peak_tflops']:.0f} TFLOP/s)"))
     from .bench import print_rows
 
     print_rows(f"bench encode: batch={res['batch']} workers={res['workers']}", rows)
