@@ -116,3 +116,52 @@ def test_each_loss_term_reaches_lora_tokens_projector(term):
         assert nonzero("projector") and nonzero("markers")
     else:  # the contrastive and orthogonality terms do not involve the matching head
         assert not nonzero("projector")
+
+
+@pytest.mark.parametrize("views", ["all", "feat_feat", "raw_raw"])
+def test_shared_prefix_rows_equal_one_instance_per_row(views):
+    """Instances sharing one P per row give the logits and the gradients of rows of their own."""
+    model, batch, _, _ = _setup("qwen2vl", views=views)
+    model.train()
+    shared, alone = {}, {}
+    for budget, out in ((4096, shared), (0, alone)):
+        model.matching_row_tokens = budget
+        torch.manual_seed(3)  # same slot draws
+        model.zero_grad(set_to_none=True)
+        model.reset_counts()
+        terms = model(batch)
+        terms["loss_qdm"].backward()
+        out["loss"] = terms["loss_qdm"].detach()
+        out["counts"] = model.reset_counts()
+        out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(shared["loss"], alone["loss"], atol=1e-6, rtol=1e-6)
+    assert shared["grads"].keys() == alone["grads"].keys() and shared["grads"]
+    for n, g in alone["grads"].items():
+        torch.testing.assert_close(shared["grads"][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    # P (the system turn and S7 instruction) is computed once instead of 3 times
+    P = len(model.matching.prefix_ids)
+    assert alone["counts"]["match"] - shared["counts"]["match"] == 2 * P
+
+
+def test_share_prefix_respects_the_row_budget():
+    model, batch, feats, mi = _setup("qwen2vl", views="feat_feat")
+    head, bb = model.matching, model.backbone
+    q_raw, d1, d2, zq, zd1, zd2, _ = mi
+
+    def instances():
+        return [head.instance_segments(q_raw[b], zq[b], {1: d1[b], 2: d2[b]}, {1: zd1[b], 2: zd2[b]},
+                                       bb.image_token_id, batch["image_grid_thw"], bb.merge) for b in range(3)]
+
+    P = len(head.prefix_ids)
+    rest = sum(len(p.ids) if hasattr(p, "ids") else p.vectors.shape[0] for s in instances()[0][1:] for p in s.parts)
+    for budget, n_rows in ((0, 3), (P + rest, 3), (P + 2 * rest, 2), (P + 3 * rest, 1)):
+        rows, owners = head.share_prefix(instances(), budget)
+        assert len(rows) == n_rows, budget
+        assert [r for r, _ in owners] == sorted(r for r, _ in owners)
+        assert all(sum(1 for s in row if s.tag == 0) == 1 for row in rows)  # one P per row
+
+
+def test_negative_row_budget_is_refused():
+    bb = make_backbone("qwen2vl")
+    with pytest.raises(ValueError, match="matching.row_tokens"):
+        ReMatchModel(bb, k=4, matching="all", matching_row_tokens=-1)

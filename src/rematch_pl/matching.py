@@ -15,6 +15,11 @@ v sees P, its own query view, its own document view and itself. Positions: all q
 start right after P, all document views after the longest query view, all answers after the
 longest document view; so every answer is computed exactly as in an isolated pass holding only
 P, its query view, its document view and itself at the same positions (tested).
+
+P is the same for every instance, so consecutive instances share a row holding P once
+(`MatchingHead.share_prefix`, up to ``matching.row_tokens`` tokens): each instance keeps its
+positions and sees only P and its own segments (segment ids carry the instance's slot in the
+row, `instance_tag`), so its answers equal those of a row of its own (tested, gradients too).
 """
 
 from __future__ import annotations
@@ -82,17 +87,25 @@ def allowed_tags(views: list[View]) -> torch.Tensor:
     return allow
 
 
+def instance_tag(tag: int, slot: int, views: list[View]) -> int:
+    """Segment id of `tag` for the instance in position `slot` of a shared-prefix row."""
+    return slot * (A_TAG0 + len(views)) + tag
+
+
 def unified_mask(segment_ids: torch.Tensor, views: list[View], dtype: torch.dtype) -> torch.Tensor:
     """Additive attention mask [B, 1, L, L] (0 = attend, finfo.min = blocked) of the packed pass.
 
-    segment_ids: [B, L] segment tag of each token, -1 on padding (padding attends to itself only,
-    so no row is fully masked).
+    segment_ids: [B, L] segment id of each token (`instance_tag`: the segment's tag and the
+    instance's slot in the row), -1 on padding (padding attends to itself only, so no row is
+    fully masked). Tokens of different instances never see each other, except the shared P.
     """
     B, L = segment_ids.shape
     allow_tab = allowed_tags(views).to(segment_ids.device)  # [T, T]
     pad = segment_ids < 0  # [B, L]
-    tags = segment_ids.clamp(min=0)
-    allowed = allow_tab[tags.unsqueeze(2), tags.unsqueeze(1)]  # [B, L, L]
+    ids = segment_ids.clamp(min=0)
+    tags, slots = ids % allow_tab.shape[0], ids // allow_tab.shape[0]  # [B, L] each
+    same = (slots.unsqueeze(2) == slots.unsqueeze(1)) | (tags == P_TAG).unsqueeze(1)  # [B, L, L]
+    allowed = allow_tab[tags.unsqueeze(2), tags.unsqueeze(1)] & same  # [B, L, L]
     causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()  # [L, L]
     allowed = allowed & causal & ~pad.unsqueeze(1) & ~pad.unsqueeze(2)
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=segment_ids.device)  # keep a diagonal
@@ -179,7 +192,37 @@ class MatchingHead(nn.Module):
             return [P, qsegs[v.query], dsegs[(v.slot, v.doc)], answers[isolate]]
         return [P, *qsegs.values(), *dsegs.values(), *answers]
 
-    def answer_positions(self, packed_spans: list, n_answers: int) -> torch.Tensor:
-        """Index of the last token of each answer segment: [B, V] (answers are the last segments)."""
-        return torch.tensor([[spans[len(spans) - n_answers + v][1] - 1 for v in range(n_answers)]
-                             for spans in packed_spans])
+    def share_prefix(self, instances: list[list[Segment]], budget: int) -> tuple[list[list[Segment]], list]:
+        """Pack instances (each ``[P, ...]`` from `instance_segments`) into rows that share one P.
+
+        Consecutive instances join a row while it holds at most `budget` tokens (always at least
+        one; `budget=0`: one instance per row). An instance keeps its positions (they start after
+        P in every slot) and sees only P and itself (`unified_mask`), so its answers are computed
+        as in a row of its own; P is computed once per row instead of once per instance.
+        Returns the rows and, per instance, (row, index of its first answer segment).
+        """
+        n_views = sum(1 for s in instances[0] if s.tag >= A_TAG0) if instances else 0
+        rows, owners, size, slot = [], [], 0, 0
+        for segs in instances:
+            n = sum(_n_tokens(s) for s in segs[1:])
+            if not rows or budget <= 0 or size + n > budget:
+                rows.append([segs[0]])
+                size, slot = _n_tokens(segs[0]), -1
+            slot += 1
+            for s in segs[1:]:
+                s.tag = instance_tag(s.tag, slot, self.views)
+            owners.append((len(rows) - 1, len(rows[-1]) + len(segs) - 1 - n_views))
+            rows[-1] += segs[1:]
+            size += n
+        return rows, owners
+
+    @staticmethod
+    def answer_positions(packed_spans: list, owners: list, n_answers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row [B], token index [B, V]) of the last token of each instance's answer segments."""
+        rows = torch.tensor([r for r, _ in owners])
+        pos = torch.tensor([[packed_spans[r][a + v][1] - 1 for v in range(n_answers)] for r, a in owners])
+        return rows, pos
+
+
+def _n_tokens(seg: Segment) -> int:
+    return sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in seg.parts)

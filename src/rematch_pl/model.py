@@ -36,6 +36,7 @@ class ReMatchModel(nn.Module):
         w_qdm: float = 0.1,
         orthogonality: bool = True,
         max_padding: float = 0.25,
+        matching_row_tokens: int = 1024,
     ):
         super().__init__()
         if template not in TEMPLATES:
@@ -54,6 +55,9 @@ class ReMatchModel(nn.Module):
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
         self.max_padding = max_padding  # embedding passes: bucket rows by length (see length_buckets)
+        if matching_row_tokens < 0:
+            raise ValueError(f"matching.row_tokens={matching_row_tokens}: expected >= 0 (0: one instance per row)")
+        self.matching_row_tokens = matching_row_tokens  # matching rows share one prompt prefix up to this size
         # Sharded training (FSDP, ZeRO-3): the largest value over ranks of an int. Every rank must
         # call the sharded modules equally often (each call gathers their parameters), so ranks
         # agree on the number of embedding passes and on whether the vision tower runs.
@@ -148,18 +152,18 @@ class ReMatchModel(nn.Module):
     def matching_logits(self, q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids, isolate: int | None = None):
         """Yes/No-position logits [B, V, vocab] of the packed (or one isolated) matching pass."""
         head, bb = self.matching, self.backbone
-        rows = [head.instance_segments(q_raw[b], zq[b], {1: d1_raw[b], 2: d2_raw[b]}, {1: zd1[b], 2: zd2[b]},
-                                       bb.image_token_id, grids, bb.merge, isolate=isolate)
-                for b in range(len(q_raw))]
+        instances = [head.instance_segments(q_raw[b], zq[b], {1: d1_raw[b], 2: d2_raw[b]}, {1: zd1[b], 2: zd2[b]},
+                                            bb.image_token_id, grids, bb.merge, isolate=isolate)
+                     for b in range(len(q_raw))]
+        rows, owners = head.share_prefix(instances, self.matching_row_tokens if isolate is None else 0)
         packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
         self._count("match", packed)
         views = head.views if isolate is None else [head.views[isolate]]
         mask = unified_mask(packed.segment_ids if isolate is None else _retag(packed.segment_ids, isolate),
                             views, packed.inputs_embeds.dtype)
-        hidden = bb(packed, mask)  # [B, L, d]
-        n_ans = len(views)
-        pos = head.answer_positions(packed.vector_index, n_ans).to(hidden.device)  # [B, V]
-        h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, V, d]
+        hidden = bb(packed, mask)  # [rows, L, d]
+        row, pos = head.answer_positions(packed.vector_index, owners, len(views))  # [B], [B, V]
+        h = hidden[row.to(hidden.device).unsqueeze(1), pos.to(hidden.device)]  # [B, V, d]
         return bb.lm_head(h)  # [B, V, vocab]
 
     def draw_slots(self, B: int) -> torch.Tensor:
