@@ -41,8 +41,8 @@ def validate(cfg: DictConfig) -> None:
     _check(f.sets in ("separate", "shared", "both"), "fusion.sets", f.sets, "separate | shared | both")
     _check(m.views in VIEW_SETS, "matching.views", m.views, f"one of {sorted(VIEW_SETS)}")
     _check(m.feature in ("fused", "tokens"), "matching.feature", m.feature, "fused | tokens")
-    _check(isinstance(m.get("row_tokens", 0), int) and m.get("row_tokens", 0) >= 0, "matching.row_tokens",
-           m.get("row_tokens"), "an integer >= 0 (0: one instance per matching row)")
+    rt = m.get("row_tokens", 1024)  # the default of ReMatchModel
+    _check(isinstance(rt, int) and rt >= 0, "matching.row_tokens", rt, "an integer >= 0 (0: one instance per matching row)")
     _check(not (m.feature == "tokens" and f.k == 0), "matching.feature", m.feature,
            "'fused' when fusion.k=0 (there are no token states to project)")
     _check(cfg.embedding.template in ("plain", "chat"), "embedding.template", cfg.embedding.template, "plain | chat")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone.sequence import Ids, Segment, Vecs, segment_span
+from .backbone.sequence import Ids, Segment, Vecs, n_tokens, segment_span
 
 INSTRUCTION = (
     'Compare the content inside <QUERY> and <DOC>. Determine whether the information in <DOC> is '
@@ -204,10 +204,10 @@ class MatchingHead(nn.Module):
         n_views = sum(1 for s in instances[0] if s.tag >= A_TAG0) if instances else 0
         rows, owners, size, slot = [], [], 0, 0
         for segs in instances:
-            n = sum(_n_tokens(s) for s in segs[1:])
+            n = sum(n_tokens(s.parts) for s in segs[1:])
             if not rows or budget <= 0 or size + n > budget:
                 rows.append([segs[0]])
-                size, slot = _n_tokens(segs[0]), -1
+                size, slot = n_tokens(segs[0].parts), -1
             slot += 1
             for s in segs[1:]:
                 s.tag = instance_tag(s.tag, slot, self.views)
@@ -223,6 +223,3 @@ class MatchingHead(nn.Module):
         pos = torch.tensor([[packed_spans[r][a + v][1] - 1 for v in range(n_answers)] for r, a in owners])
         return rows, pos
 
-
-def _n_tokens(seg: Segment) -> int:
-    return sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in seg.parts)

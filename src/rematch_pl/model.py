@@ -13,7 +13,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .backbone.model import Backbone
-from .backbone.sequence import Ids, Segment, Vecs, build_inputs
+from .backbone.sequence import Ids, Segment, Vecs, build_inputs, n_tokens
 from .fusion import MultiTokenFusion
 from .losses import gathered_contrastive_loss, matching_loss, orthogonality_loss
 from .matching import MatchingHead, unified_mask
@@ -111,7 +111,7 @@ class ReMatchModel(nn.Module):
             rows += [self.embedding_row(c, side) for c in contents]
             sides += [side] * len(contents)
         bb = self.backbone
-        lengths = [sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in r[0].parts) for r in rows]
+        lengths = [n_tokens(r[0].parts) for r in rows]
         states = [None] * len(rows)
         buckets = length_buckets(lengths, self.max_padding)
         if self.max_over_ranks is not None:

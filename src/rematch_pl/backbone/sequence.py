@@ -51,6 +51,11 @@ class Packed:
     host_lengths: list[int] = field(default_factory=list)  # `lengths` on the host (no device read)
 
 
+def n_tokens(parts: list) -> int:
+    """Number of tokens a list of parts (`Ids`, `Vecs`) occupies in a row."""
+    return sum(p.vectors.shape[0] if isinstance(p, Vecs) else len(p.ids) for p in parts)
+
+
 def segment_positions(seg: Segment, image_token_id: int, grids: torch.Tensor | None, merge: int) -> tuple[torch.Tensor, int]:
     """3-D positions [3, n] of one segment and the next free position (both including `seg.start`)."""
     pos = []
