@@ -67,3 +67,30 @@ def test_profile_and_vision_suites_run_on_cpu(tmp_path):
     assert runs["rematch"]["aten_ops"] > runs["rematch_no_matching"]["aten_ops"]
     res = main(["--suite", "vision", "--batch", "3", "--iters", "1"])
     assert res["grouped_s"] > 0 and res["per_image_s"] > 0
+
+
+@pytest.mark.slow  # ~40 s: 20 planned steps
+def test_memory_suite_plans_every_variant_and_searches_within_the_budget(tmp_path):
+    """Tiny shape on meta: every variant is planned, GradCache lowers the full step's peak, and
+    the batch search stops where the planned peak leaves the (tiny) budget."""
+    budget = 0.05  # GiB: the tiny full ReMatch step crosses it between 4 and 16 triples
+    res = main(["--suite", "memory", "--batches", "4", "--chunk", "2", "--search", "16", "--gpu-gib", str(budget),
+                "--reserve-gib", "0", "--out", str(tmp_path / "mem.json")])
+    saved = json.loads((tmp_path / "mem.json").read_text())
+    rows = {(r["variant"], r["gradcache_chunk"]): r for r in saved["runs"]}
+    assert set(rows) == {(v, gc) for v in ("baseline", "rematch", "rematch_feat_feat", "rematch_no_matching")
+                         for gc in (None, 2)}
+    for r in rows.values():
+        assert r["peak_gib"] >= r["weights_gib"] + r["optimizer_gib"] + r["transient_gib"] > 0
+        assert r["fits"] == (r["peak_gib"] <= budget)
+    assert rows["rematch", 2]["peak_gib"] < rows["rematch", None]["peak_gib"]
+    assert rows["baseline", None]["peak_gib"] < rows["rematch", None]["peak_gib"]
+    planned = {(r["variant"], r["gradcache_chunk"], r["batch"]): r["fits"] for r in saved["runs"] + saved["searched"]}
+    for s in res["largest_batch"]:
+        best = s["max_batch"]
+        assert planned[s["variant"], s["gradcache_chunk"], best]
+        if not s["limit_reached"]:  # a larger batch was planned and does not fit
+            assert any(not ok for (v, gc, B), ok in planned.items()
+                       if (v, gc) == (s["variant"], s["gradcache_chunk"]) and B > best)
+    full = next(s for s in res["largest_batch"] if s["variant"] == "rematch" and s["gradcache_chunk"] is None)
+    assert not full["limit_reached"]

@@ -15,6 +15,9 @@ equal-size images) against transformers' per-image loop;
 `--suite flops` (any machine) counts the FLOPs of one training step of each variant for a
 2B/7B shape from the real token layout (tokens counted with the tiny model fed the same
 inputs), i.e. the step-time ratios a FLOP-bound device would show;
+`--suite memory` (any machine) predicts the peak memory of one training step of each variant
+for a 2B/7B shape on a GPU (the step runs on the meta device, see memory.py) and, with
+`--search N`, the largest batch that fits, with and without GradCache;
 `--suite profile` profiles one training step of each variant (torch.profiler): where the time
 goes (vision tower, embedding passes, matching pass, backward), how busy the device is, kernel
 launches and host-device synchronisations, the top operators;
@@ -76,17 +79,25 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32) -> Ba
     return Backbone(model, proc, name=f"qwen2vl_{shape}_random")
 
 
-def make_batch(processor, B: int, image_size: int, device, seed: int = 0) -> dict:
-    """B (query, positive, negative) triples, MMEB-like: image+instruction queries, text or image docs."""
+def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_pixels: bool = False) -> dict:
+    """B (query, positive, negative) triples, MMEB-like: image+instruction queries, text or image docs.
+
+    `meta_pixels`: the pixels are a meta tensor of the right shape (memory planning: one image is
+    processed for its grid, the 2B images' pixel values are never made).
+    """
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
     imgs = [Image.fromarray((torch.rand(image_size, image_size, 3, generator=g) * 255).byte().numpy())
-            for _ in range(2 * B)]
+            for _ in range(1 if meta_pixels else 2 * B)]
     ib = processor.process_images(imgs)
+    grids, pixels = ib.grid_thw, ib.pixel_values
+    if meta_pixels:  # [patches, dim] of one image -> [2B * patches, dim] on meta
+        grids = grids.repeat(2 * B, 1)
+        pixels = torch.empty(2 * B * pixels.shape[0], pixels.shape[1], dtype=pixels.dtype, device="meta")
 
     def side(texts, image_idx):
-        ids = [processor.encode_content(t, None if i < 0 else processor.num_image_tokens(ib.grid_thw[i]))
+        ids = [processor.encode_content(t, None if i < 0 else processor.num_image_tokens(grids[i]))
                for t, i in zip(texts, image_idx)]
         L = max(map(len, ids))
         out = torch.full((len(ids), L), processor.pad_id)
@@ -100,8 +111,8 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0) -> dic
     pos = side(["<|image_1|>\nRepresent the given image." if i % 2 else "two red circles and a blue square"
                 for i in range(B)], [B + i if i % 2 else -1 for i in range(B)])
     neg = side(["three blue circles and a red square"] * B, [-1] * B)
-    return {"qry": q, "pos": pos, "neg": neg, "pixel_values": ib.pixel_values.to(device),
-            "image_grid_thw": ib.grid_thw.to(device)}
+    return {"qry": q, "pos": pos, "neg": neg, "pixel_values": pixels if meta_pixels else pixels.to(device),
+            "image_grid_thw": grids.to(device)}
 
 
 def timeit(fn, device, warmup: int = 2, iters: int = 5) -> float:
@@ -504,6 +515,72 @@ def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0) -> dict:
     return res
 
 
+def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gpu_gib: float, reserve_gib: float,
+                 search_limit: int = 0, dtype: str = "bf16", target: str = "cuda") -> dict:
+    """Predicted peak memory of one training step of each variant, no device needed.
+
+    The real-size model is built on meta and the step runs there (`memory.step_memory`): the
+    peak of live tensors a `target` device would hold, with bf16 weights, LoRA, gradient
+    checkpointing, AdamW states and (with `chunk`) GradCache, exactly as `--suite train` runs it.
+    A batch fits when its peak is at most `gpu_gib - reserve_gib` (the reserve is for the CUDA
+    context, kernel workspaces and fragmentation). `search_limit` > 0: also the largest batch
+    that fits for the baseline and full ReMatch, with and without GradCache.
+    """
+    from .gradcache import gradcache_step
+    from .memory import GiB, meta_copy, step_memory
+
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
+    budget = gpu_gib - reserve_gib
+    res = {"shape": shape, "dtype": dtype, "target": target, "image_size": image_size, "gpu_gib": gpu_gib,
+           "reserve_gib": reserve_gib, "runs": [], "largest_batch": []}
+    seen: dict[tuple, dict] = {}
+
+    def predict(name: str, B: int, gc: int | None) -> dict:
+        if (name, B, gc) in seen:
+            return seen[name, B, gc]
+        model = meta_copy(ReMatchModel(bb, **VARIANTS[name]).train())
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        batch = make_batch(bb.processor, B, image_size, "cpu", meta_pixels=True)
+
+        def step():
+            if gc and B > gc:
+                gradcache_step(model, batch, gc, backward=lambda t: t.backward())
+            else:
+                model(batch)["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = time.perf_counter()
+        r = {k: v / GiB for k, v in step_memory(model, batch, step, opt, meta=True, target=target).items()}
+        row = seen[name, B, gc] = {"variant": name, "batch": B, "gradcache_chunk": gc,
+                                   **{f"{k}_gib": v for k, v in r.items()}, "fits": r["peak"] <= budget,
+                                   "planned_in_s": time.perf_counter() - t}
+        return row
+
+    def show(r: dict) -> str:
+        return (f"  {r['variant']:<20} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} weights "
+                f"{r['weights_gib']:6.2f}  optimizer {r['optimizer_gib']:5.2f}  activations+grads "
+                f"{r['transient_gib']:6.2f}  peak {r['peak_gib']:6.2f} GiB  {'fits' if r['fits'] else 'DOES NOT FIT'}")
+
+    print(f"\nbench memory: Qwen2-VL-{shape} shape, {dtype} weights, {image_size} px images, predicted for "
+          f"{target} (budget {gpu_gib:g} - {reserve_gib:g} GiB reserve = {budget:g} GiB)", flush=True)
+    for B in batches:
+        for name in VARIANTS:
+            for gc in ([None, chunk] if chunk and B > chunk else [None]):
+                res["runs"].append(predict(name, B, gc))
+                print(show(res["runs"][-1]), flush=True)
+    if search_limit:
+        for name in ("baseline", "rematch"):
+            for gc in (None, chunk or None):
+                best, capped = largest_batch(lambda B: predict(name, B, gc)["fits"], limit=search_limit)
+                res["largest_batch"].append({"variant": name, "gradcache_chunk": gc, "max_batch": best,
+                                             "limit_reached": capped})
+                print(f"  largest batch {name:<10} gc={gc!s:<5} {best}{' (the limit)' if capped else ''}", flush=True)
+        res["searched"] = [r for r in seen.values() if r not in res["runs"]]
+    return res
+
+
 def _fmt_row(r: dict) -> str:
     if r.get("oom"):
         return f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} OOM"
@@ -538,7 +615,8 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "profile", "flops", "gpu"], default="matching")
+    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "profile", "flops", "memory", "gpu"],
+                    default="matching")
     ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
     ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes for --suite train")
@@ -549,6 +627,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--gpu-gib", type=float, default=79.0, help="--suite memory: the card's memory (H100 80GB: 79)")
+    ap.add_argument("--reserve-gib", type=float, default=4.0,
+                    help="--suite memory: kept free for the CUDA context, workspaces, fragmentation")
+    ap.add_argument("--search", type=int, default=0, help="--suite memory: also search the largest batch up to this")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
@@ -561,6 +643,10 @@ def main(argv=None) -> dict:
                "max_batch_2b": suite_max_batch("2b", "cuda", dtype, 448, 16, a.limit, 16)}
     elif a.suite == "flops":
         res = suite_flops("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, a.chunk)
+    elif a.suite == "memory":
+        batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
+        res = suite_memory(a.shape, image_size, batches, a.chunk, a.gpu_gib, a.reserve_gib, a.search,
+                           a.dtype or "bf16")
     elif a.suite == "profile":
         print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
         res = suite_profile(a.shape, a.device, dtype, a.batch, image_size)

@@ -33,7 +33,8 @@ class MultiTokenFusion(nn.Module):
         if k == 0:
             return
         n_sets = 1 if sets == "shared" else 2
-        if init_from is not None:  # start near the input distribution: random rows of the vocabulary
+        if init_from is not None and not init_from.is_meta:  # start near the input distribution: random
+            # rows of the vocabulary (a model on meta, for memory planning, has no rows to copy)
             g = torch.Generator().manual_seed(0)
             rows = torch.randint(0, init_from.shape[0], (n_sets, k), generator=g)
             init = init_from.detach().float().cpu()[rows].clone()  # [n_sets, K, d]

@@ -48,10 +48,12 @@ class ReMatchModel(nn.Module):
         self.fusion = MultiTokenFusion(k, backbone.hidden_size, token_sets, init_from=emb)
         self.matching = None
         if matching != "none":
-            emb = emb.detach().float().cpu()  # parameters are made on the CPU, then moved with the module
-            marker_init = emb.mean(0, keepdim=True).repeat(2, 1)
-            marker_init = marker_init + emb.detach().float().std() * torch.randn(2, emb.shape[1],
-                                                                                  generator=torch.Generator().manual_seed(1))
+            noise = torch.randn(2, emb.shape[1], generator=torch.Generator().manual_seed(1))
+            if emb.is_meta:  # a model on meta (memory planning) has no values to start from
+                marker_init = noise
+            else:  # parameters are made on the CPU, then moved with the module
+                emb = emb.detach().float().cpu()
+                marker_init = emb.mean(0, keepdim=True).repeat(2, 1) + emb.std() * noise
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
         self.max_padding = max_padding  # embedding passes: bucket rows by length (see length_buckets)

@@ -1,0 +1,191 @@
+"""Peak memory of a training step without the device: the step runs with its float tensors on
+PyTorch's `meta` device (shapes and dtypes, no storage, no compute) while the integer and boolean
+bookkeeping (token ids, lengths, masks, image grids) stays real, so the model's host-side logic
+(packing, image placement, M-RoPE positions, cu_seqlens) runs exactly as on a GPU.
+
+`LiveBytes` is a dispatch mode that adds up the bytes of every live tensor storage and keeps the
+high-water mark: run on real tensors it measures a step, run with `meta=True` it predicts one.
+`FusedAttention` makes `scaled_dot_product_attention` on meta tensors take the fused kernel a
+real device takes (on meta, PyTorch would otherwise take the math path and hold the full
+attention matrix): `target="cuda"` flash attention without a mask, memory-efficient attention
+with one, as on an H100; `target="cpu"` the CPU flash kernel (what the CPU test compares with).
+
+What the figure is: the peak of `torch.cuda.max_memory_allocated()` that the step would reach,
+up to the caching allocator's block rounding. Not in it: the CUDA context (~0.5 GiB, outside the
+allocator), cuBLAS/flash workspaces, and fragmentation (reserved minus allocated).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+GiB = 2**30
+
+
+def _is_meta(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "meta"
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages (each counted once, views included) and their peak.
+
+    Tensors made before the mode is entered (weights, inputs) are added with `track`.
+    With `meta=True`, an op that touches a meta tensor runs on meta with its real operands moved
+    there (a boolean index becomes integer indices first: its size depends on its values), and
+    integer/boolean factories asked for on meta are made on the CPU (their values are read by
+    the host: lengths, positions, masks).
+    """
+
+    def __init__(self, meta: bool = False):
+        super().__init__()
+        self.meta = meta
+        self.live: dict[int, int] = {}  # storage id -> bytes
+        self.now = 0
+        self.peak = 0
+
+    def track(self, *trees) -> None:
+        for t in tree_leaves(trees):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            return
+        self.live[key] = st.nbytes()
+        self.now += self.live[key]
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.meta:
+            args, kwargs = self._placed(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.track(out)
+        return out
+
+    @staticmethod
+    def _placed(func, args, kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "meta":
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            if not dtype.is_floating_point:
+                return args, dict(kwargs, device="cpu")
+            return args, kwargs
+        # ops take tensors directly or in one flat list (cat, index): no full tree walk needed
+        flat = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else (a,))
+                if isinstance(x, torch.Tensor)]
+        n_meta = sum(x.device.type == "meta" for x in flat)
+        if n_meta == 0 or n_meta == len(flat):
+            return args, kwargs
+        if func is torch.ops.aten.index.Tensor:
+            src, idx = args
+            flat_idx = []
+            for i in idx:
+                if i is not None and i.dtype == torch.bool and not _is_meta(i):
+                    flat_idx.extend(i.nonzero().unbind(1))
+                else:
+                    flat_idx.append(i)
+            args = (src, flat_idx)
+        return tree_map_only(torch.Tensor, lambda t: t if _is_meta(t) else t.to("meta"), (args, kwargs))
+
+
+class FusedAttention:
+    """Within it, `F.scaled_dot_product_attention` on meta tensors takes the kernel `target` runs.
+
+    A context manager that swaps the function in `torch.nn.functional` (HF attention and the
+    grouped vision attention look it up at call time); a function mode would not be active
+    when gradient checkpointing recomputes a layer inside the backward pass.
+    """
+
+    def __init__(self, target: str = "cuda"):
+        if target not in ("cuda", "cpu"):
+            raise ValueError(f"FusedAttention target must be 'cuda' or 'cpu', not {target!r}")
+        self.target = target
+        self._saved = None
+
+    def __enter__(self):
+        self._saved = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = self.attention
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._saved
+
+    def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not _is_meta(q):
+            return self._saved(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                               scale=scale, enable_gqa=enable_gqa)
+        mask = attn_mask
+        if mask is not None and mask.dtype == torch.bool:  # [.., Lq, Lk] -> additive bias, as SDPA does
+            mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
+        aten = torch.ops.aten
+        if self.target == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=mask,
+                                                                    scale=scale)[0]
+        if k.shape[-3] != q.shape[-3]:  # grouped KV heads: the fused CUDA kernels want them repeated
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+        if mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        return aten._scaled_dot_product_efficient_attention(q, k, v, mask, q.requires_grad, dropout_p, is_causal,
+                                                            scale=scale)[0]
+
+
+def to_meta(batch):
+    """The batch with its float tensors (pixels) on meta; ids, lengths and grids stay real."""
+    return tree_map_only(torch.Tensor, lambda t: t.to("meta") if t.is_floating_point() else t, batch)
+
+
+def step_memory(model: torch.nn.Module, batch: dict, step: Callable[[], None], optimizer: torch.optim.Optimizer,
+                meta: bool, target: str = "cuda") -> dict:
+    """Peak bytes of `step()` (forward, backward, `optimizer` step) and what is resident around it.
+
+    The optimizer states exist before the measured step, as in a long run: a first optimizer
+    step on zero gradients makes them. Returns bytes: `weights` (parameters and buffers),
+    `inputs`, `optimizer` (its states), `resident` (live after the step), `peak`, and `transient`
+    (peak minus resident: activations, gradients, temporaries).
+    """
+    mode = LiveBytes(meta=meta)
+    mode.track(list(model.parameters()), list(model.buffers()))
+    weights = mode.now
+    mode.track(batch)
+    inputs = mode.now - weights
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    with mode:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    states = mode.now - weights - inputs
+    with mode, (FusedAttention(target) if meta else nullcontext()):
+        mode.reset_peak()
+        step()
+    return {"weights": weights, "inputs": inputs, "optimizer": states, "resident": mode.now, "peak": mode.peak,
+            "transient": mode.peak - mode.now}
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` moved to meta (in place), with tied weights tied again (the move unties them)."""
+    from transformers import PreTrainedModel
+
+    model = model.to("meta")
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m.tie_weights()
+    return model
