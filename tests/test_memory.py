@@ -92,3 +92,58 @@ def test_fused_attention_on_meta_holds_no_score_matrix(masked):
 def test_fused_attention_rejects_unknown_target():
     with pytest.raises(ValueError, match="'tpu'"):
         FusedAttention("tpu")
+
+
+def _cfg(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from rematch_pl.build import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["data.batch_size=4", "data.shuffle_buffer=8",
+                                            f"paths.output_root={tmp_path}", *overrides])
+
+
+def test_config_plan_equals_the_measured_first_step(tmp_path):
+    """train.memory_check plans the configured model (LoRA dropout, K=16, 8 views) on the first
+    batch the datamodule yields; the same step on real tensors peaks at the same bytes."""
+    from rematch_pl.build import build_backbone, build_model
+    from rematch_pl.memory import GiB, _first_batch, check_memory
+
+    cfg = _cfg(tmp_path, "train.memory_check.mode=always")
+    plan = check_memory(cfg, target="cpu")
+    assert plan["fits"] is None and plan["batch"] == 4  # no device, no budget: a plan without a verdict
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg.backbone)
+    model = build_model(cfg, backbone).train()
+    batch = _first_batch(cfg, backbone.processor)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    real = step_memory(model, batch, step, opt, meta=False)
+    assert plan["peak_gib"] == pytest.approx(real["peak"] / GiB, rel=1e-5)
+    assert plan["weights_gib"] == pytest.approx(real["weights"] / GiB, rel=1e-9)
+
+
+def test_an_over_budget_step_fails_naming_a_chunk_that_fits(tmp_path):
+    import re
+
+    from rematch_pl.memory import MemoryPlanError, check_memory
+
+    base = ["train.memory_check.mode=always", "train.memory_check.reserve_gib=0"]
+    peak = check_memory(_cfg(tmp_path, *base))["peak_gib"]
+    budget = f"train.memory_check.budget_gib={0.8 * peak}"
+    with pytest.raises(MemoryPlanError, match=r"train\.gradcache\.chunk_size=\d+") as e:
+        check_memory(_cfg(tmp_path, *base, budget))
+    assert f"{peak:.1f} GiB" in str(e.value) and "data.batch_size=4" in str(e.value)
+    chunk = int(re.search(r"train\.gradcache\.chunk_size=(\d+)", str(e.value)).group(1))
+    plan = check_memory(_cfg(tmp_path, *base, budget, f"train.gradcache.chunk_size={chunk}"))
+    assert plan["fits"] and plan["peak_gib"] <= 0.8 * peak
+    # sharded strategies: the plan is an upper bound, so it warns and goes on
+    assert check_memory(_cfg(tmp_path, *base, budget, "strategy=fsdp", "trainer.devices=1"))["fits"] is False
+    assert check_memory(_cfg(tmp_path, "train.memory_check.mode=never")) is None
+    assert check_memory(_cfg(tmp_path)) is None  # auto: only on a CUDA device

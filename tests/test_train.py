@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,18 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert res.returncode != 0
     assert "fusion.k" in res.stderr + res.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_memory_plan_only_plans_and_an_over_budget_run_stops_before_training(tmp_path):
+    res = train(tmp_path / "plan", "train.memory_check.mode=only", timeout=300)
+    plan = json.loads((tmp_path / "plan" / "memory_plan.json").read_text())
+    assert plan["peak_gib"] > plan["weights_gib"] > 0 and plan["batch"] == 16
+    assert "memory plan" in res.stdout and not (tmp_path / "plan" / "checkpoints").exists()
+    res = train(tmp_path / "over", "train.memory_check.mode=always", "train.memory_check.budget_gib=0.05",
+                "train.memory_check.reserve_gib=0", check=False, timeout=300)
+    assert res.returncode != 0 and "MemoryPlanError" in res.stderr + res.stdout
+    assert re.search(r"train\.gradcache\.chunk_size=\d+ \(planned", res.stderr + res.stdout)
+    assert not (tmp_path / "over" / "checkpoints").exists()
 
 
 def test_cfg_job_prints_config(tmp_path):

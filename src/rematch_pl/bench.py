@@ -526,8 +526,7 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
     context, kernel workspaces and fragmentation). `search_limit` > 0: also the largest batch
     that fits for the baseline and full ReMatch, with and without GradCache.
     """
-    from .gradcache import gradcache_step
-    from .memory import GiB, meta_copy, step_memory
+    from .memory import GiB, meta_copy, plan_step
 
     torch.manual_seed(0)
     bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
@@ -540,19 +539,9 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
         if (name, B, gc) in seen:
             return seen[name, B, gc]
         model = meta_copy(ReMatchModel(bb, **VARIANTS[name]).train())
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         batch = make_batch(bb.processor, B, image_size, "cpu", meta_pixels=True)
-
-        def step():
-            if gc and B > gc:
-                gradcache_step(model, batch, gc, backward=lambda t: t.backward())
-            else:
-                model(batch)["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         t = time.perf_counter()
-        r = {k: v / GiB for k, v in step_memory(model, batch, step, opt, meta=True, target=target).items()}
+        r = {k: v / GiB for k, v in plan_step(model, batch, gc, target).items()}
         row = seen[name, B, gc] = {"variant": name, "batch": B, "gradcache_chunk": gc,
                                    **{f"{k}_gib": v for k, v in r.items()}, "fits": r["peak"] <= budget,
                                    "planned_in_s": time.perf_counter() - t}

@@ -22,11 +22,13 @@ if not CONF_DIR.exists():  # source checkout: conf/ at the top level
     CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def build_backbone(b: DictConfig) -> Backbone:
+def build_backbone(b: DictConfig, meta: bool = False) -> Backbone:
+    """The configured backbone; `meta`: built from its config on the meta device (memory planning)."""
     return load_backbone(
         path=b.path, dtype=b.dtype, attn_implementation=b.attn_implementation,
         gradient_checkpointing=b.gradient_checkpointing, min_pixels=b.min_pixels, max_pixels=b.max_pixels,
-        lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"), compile=b.get("compile", False),
+        lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"),
+        compile=b.get("compile", False) and not meta, meta=meta,
     )
 
 

@@ -60,6 +60,12 @@ def validate(cfg: DictConfig) -> None:
     _check(gc is None or (isinstance(gc, int) and gc >= 1), "train.gradcache.chunk_size", gc, "null or an integer >= 1")
     _check(gc is None or t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "1 with GradCache (it already makes the batch as large as you like)")
+    mc = cfg.train.memory_check
+    _check(mc.mode in ("auto", "always", "only", "never"), "train.memory_check.mode", mc.mode,
+           "auto | always | only | never")
+    _check(mc.budget_gib is None or mc.budget_gib > 0, "train.memory_check.budget_gib", mc.budget_gib, "null or > 0")
+    _check(mc.reserve_gib >= 0 and (mc.budget_gib is None or mc.reserve_gib < mc.budget_gib),
+           "train.memory_check.reserve_gib", mc.reserve_gib, ">= 0 and below train.memory_check.budget_gib")
     _check_strategy(cfg.strategy, t)
     _check(cfg.logger.name in ("wandb", "csv", "tensorboard", "none"), "logger.name", cfg.logger.name,
            "wandb | csv | tensorboard | none")

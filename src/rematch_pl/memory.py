@@ -17,6 +17,7 @@ allocator), cuBLAS/flash workspaces, and fragmentation (reserved minus allocated
 
 from __future__ import annotations
 
+import logging
 import weakref
 from contextlib import nullcontext
 from typing import Callable
@@ -27,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 GiB = 2**30
+log = logging.getLogger("rematch_pl.memory")
 
 
 def _is_meta(t) -> bool:
@@ -189,3 +191,95 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(m, PreTrainedModel):
             m.tie_weights()
     return model
+
+
+class MemoryPlanError(RuntimeError):
+    """The planned peak of the configured training step exceeds the device's memory."""
+
+
+def plan_step(model: torch.nn.Module, batch: dict, chunk: int | None, target: str = "cuda") -> dict:
+    """`step_memory` of one training step of a meta `model` on `batch` (its pixels moved to meta),
+    as the trainer runs it: AdamW on the trainable parameters, GradCache when `chunk` < batch."""
+    from .gradcache import gradcache_step
+
+    batch = to_meta(batch)
+    B = batch["qry"]["ids"].shape[0]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        if chunk and B > chunk:
+            gradcache_step(model, batch, chunk, backward=lambda t: t.backward())
+        else:
+            model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step_memory(model, batch, step, opt, meta=True, target=target)
+
+
+def _first_batch(cfg, processor) -> dict:
+    """The first training batch of this rank, read and collated as the trainer would."""
+    from .build import build_datamodule
+    from .data.collate import TrainCollator
+
+    dm = build_datamodule(cfg, processor)
+    dm.prepare_data()
+    examples = next(iter(dm.train_stream()))
+    return TrainCollator(processor, dm.max_length)(examples)
+
+
+def check_memory(cfg, target: str = "cuda") -> dict | None:
+    """`train.memory_check`: plan the peak memory of the configured step before any weight is read.
+
+    mode `auto` plans on a CUDA device, `always` everywhere, `only` plans and stops, `never`
+    skips. The budget is `budget_gib` or the device's memory, minus `reserve_gib`. Over budget,
+    a `MemoryPlanError` names the planned peak and the largest GradCache chunk that fits (for a
+    sharded strategy the plan counts weights and optimizer states whole, an upper bound: it warns
+    instead). `target`: whose attention kernels are planned ("cpu" to compare with a CPU run).
+    Returns the plan (GiB figures), or None when skipped.
+    """
+    from .build import build_backbone, build_model
+
+    mc = cfg.train.memory_check
+    cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+    if mc.mode == "never" or (mc.mode == "auto" and not cuda):
+        return None
+    device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB if cuda else None
+    total = mc.budget_gib if mc.budget_gib is not None else device_gib
+    budget = None if total is None else total - mc.reserve_gib
+    backbone = build_backbone(cfg.backbone, meta=True)
+    batch = _first_batch(cfg, backbone.processor)
+    chunk = cfg.train.gradcache.chunk_size
+    B = batch["qry"]["ids"].shape[0]
+
+    def planned(c: int | None) -> dict:
+        torch.manual_seed(cfg.seed)
+        return plan_step(meta_copy(build_model(cfg, backbone)).train(), batch, c, target)
+
+    r = planned(chunk)
+    plan = {"batch": B, "gradcache_chunk": chunk, "budget_gib": budget, "device_gib": device_gib,
+            **{f"{k}_gib": v / GiB for k, v in r.items()}}
+    plan["fits"] = None if budget is None else plan["peak_gib"] <= budget
+    verdict = ("" if budget is None else f" of a {budget:.1f} GiB budget ({total:.1f} - {mc.reserve_gib:g} reserved)")
+    log.info(f"memory plan: batch {B}, GradCache chunk {chunk}: peak {plan['peak_gib']:.2f} GiB{verdict} (weights "
+             f"{plan['weights_gib']:.2f}, optimizer {plan['optimizer_gib']:.2f}, activations and gradients "
+             f"{plan['transient_gib']:.2f})")
+    if plan["fits"] is False:
+        fix = "a smaller data.batch_size"
+        c = min(chunk or B, B) // 2
+        while c >= 1:
+            peak = planned(c)["peak"] / GiB
+            if peak <= budget:
+                plan["suggested_chunk"] = c
+                fix = f"train.gradcache.chunk_size={c} (planned {peak:.1f} GiB) or {fix}"
+                break
+            c //= 2
+        msg = (f"train.memory_check: the planned peak memory of one training step is {plan['peak_gib']:.1f} GiB{verdict} "
+               f"at data.batch_size={B}, train.gradcache.chunk_size={chunk}. Use {fix}; "
+               "train.memory_check.mode=never skips this check.")
+        if cfg.strategy.name in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+            log.warning(msg + f" (strategy={cfg.strategy.name} shards weights or optimizer states: the plan counts "
+                        "them whole, so this is an upper bound)")
+        else:
+            raise MemoryPlanError(msg)
+    return plan

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from .build import CONF_DIR, build_backbone, build_datamodule, build_logger, build_model, build_module, build_trainer
 from .checkpoint import save_trainable
 from .config import validate
+from .memory import check_memory
 
 log = logging.getLogger("rematch_pl.train")
 
@@ -47,6 +48,12 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
 
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    plan = check_memory(cfg)  # before any weight is read: an over-budget step fails here, not at step N
+    if plan is not None:
+        (run_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2))
+    if cfg.train.memory_check.mode == "only":
+        print_plan(plan, run_dir)
+        return {"run_name": run_name, "run_dir": str(run_dir), "steps": 0, "val": {}, "memory_plan": plan}
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.backbone)
     model = build_model(cfg, backbone)
@@ -66,6 +73,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
             "train_time_s": round(module.train_time_s, 2),
             "samples_per_s": round(module.train_samples / max(module.train_time_s, 1e-9), 2),
             "peak_memory_gb": round(peak_memory_gb(), 3),
+            "memory_plan": plan,
             "val": {k: round(float(v), 4) for k, v in module.last_val.items()},
             "last_loss": {k: round(float(v), 4) for k, v in module.last_terms.items()},
             "bad_rows": getattr(dm, "bad_rows", {}),
@@ -99,6 +107,15 @@ def print_summary(s: dict) -> None:
         f"run dir        {s['run_dir']}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def print_plan(p: dict, run_dir: Path) -> None:
+    verdict = "" if p["fits"] is None else (f" of {p['budget_gib']:.1f} GiB: "
+                                            + ("fits" if p["fits"] else "DOES NOT FIT"))
+    print(f"\n== rematch_pl memory plan: batch {p['batch']}, GradCache chunk {p['gradcache_chunk']} ==\n"
+          f"weights {p['weights_gib']:.2f} GiB, optimizer {p['optimizer_gib']:.2f} GiB, activations and gradients "
+          f"{p['transient_gib']:.2f} GiB\npeak    {p['peak_gib']:.2f} GiB{verdict}\nwritten {run_dir / 'memory_plan.json'}",
+          flush=True)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -121,14 +121,17 @@ def load_backbone(
     lora: dict | LoraSettings | None = None,
     revision: str | None = None,
     compile: bool = False,
+    meta: bool = False,
 ) -> Backbone:
     """Load model and processor by hub id or local folder, with LoRA restricted to the LLM.
 
     compile: `torch.compile` each decoder layer of the language model (regional compilation,
     dynamic shapes): names and parameters stay as they are, so LoRA, FSDP and checkpoints are
     unaffected; the first steps pay the compilation.
+    meta: build the model from its config on the meta device, no weights read (memory planning,
+    `rematch_pl.memory`); everything else (processor, LoRA, checkpointing) as for a real load.
     """
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise ValueError(f"backbone.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
@@ -137,9 +140,15 @@ def load_backbone(
                          "flash_attention_2 (the packed matching pass needs a custom 4-D mask: sdpa or eager)")
     local = resolve_path(path)
     extra = {"revision": revision} if revision else {}
-    model = AutoModelForImageTextToText.from_pretrained(
-        local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False, **extra
-    )
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(
+                AutoConfig.from_pretrained(local, trust_remote_code=False, **extra), dtype=DTYPES[dtype],
+                attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False, **extra
+        )
     if getattr(model.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
         raise ValueError(f"backbone.path={path!r} is a {model.config.model_type!r} model; "
                          "rematch_pl supports qwen2_vl and qwen2_5_vl")
