@@ -70,6 +70,7 @@ def test_ablation_axes_take_their_values():
     ("strategy=deepspeed_zero2,strategy.stage=3", "strategy.stage"),
     ("train.memory_check.mode=sometimes", "train.memory_check.mode"),
     ("train.memory_check.budget_gib=0", "train.memory_check.budget_gib"),
+    ("train.memory_check.images=huge", "train.memory_check.images"),
     ("train.memory_check.budget_gib=8,train.memory_check.reserve_gib=8", "train.memory_check.reserve_gib"),
 ])
 def test_invalid_values_fail_naming_the_key(override, key):

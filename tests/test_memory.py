@@ -147,3 +147,21 @@ def test_an_over_budget_step_fails_naming_a_chunk_that_fits(tmp_path):
     assert check_memory(_cfg(tmp_path, *base, budget, "strategy=fsdp", "trainer.devices=1"))["fits"] is False
     assert check_memory(_cfg(tmp_path, "train.memory_check.mode=never")) is None
     assert check_memory(_cfg(tmp_path)) is None  # auto: only on a CUDA device
+
+
+def test_max_pixels_plans_the_same_batch_with_its_largest_images(tmp_path):
+    from rematch_pl.backbone.model import load_backbone
+    from rematch_pl.memory import _first_batch, check_memory
+
+    cfg = _cfg(tmp_path, "train.memory_check.mode=always")
+    read = check_memory(cfg)
+    worst = check_memory(_cfg(tmp_path, "train.memory_check.mode=always", "train.memory_check.images=max_pixels"))
+    processor = load_backbone(cfg.backbone.path, min_pixels=cfg.backbone.min_pixels,
+                              max_pixels=cfg.backbone.max_pixels, meta=True).processor
+    grids = _first_batch(cfg, processor, "max_pixels")["image_grid_thw"]
+    patch = processor.patch_size
+    pixels = grids.prod(-1) * patch * patch  # per image, after the processor's resize
+    top = processor.pixel_range[1]
+    assert len(grids) > 0 and bool(((pixels <= top) & (pixels >= 0.8 * top)).all())
+    assert worst["image_tokens"] == int(grids.prod(-1).sum()) // 4 > read["image_tokens"]
+    assert worst["peak_gib"] > read["peak_gib"]

@@ -63,6 +63,7 @@ def validate(cfg: DictConfig) -> None:
     mc = cfg.train.memory_check
     _check(mc.mode in ("auto", "always", "only", "never"), "train.memory_check.mode", mc.mode,
            "auto | always | only | never")
+    _check(mc.images in ("as_read", "max_pixels"), "train.memory_check.images", mc.images, "as_read | max_pixels")
     _check(mc.budget_gib is None or mc.budget_gib > 0, "train.memory_check.budget_gib", mc.budget_gib, "null or > 0")
     _check(mc.reserve_gib >= 0 and (mc.budget_gib is None or mc.reserve_gib < mc.budget_gib),
            "train.memory_check.reserve_gib", mc.reserve_gib, ">= 0 and below train.memory_check.budget_gib")

@@ -217,22 +217,41 @@ def plan_step(model: torch.nn.Module, batch: dict, chunk: int | None, target: st
     return step_memory(model, batch, step, opt, meta=True, target=target)
 
 
-def _first_batch(cfg, processor) -> dict:
-    """The first training batch of this rank, read and collated as the trainer would."""
+def _at_max_pixels(image, max_pixels: int):
+    """`image` scaled (aspect kept) to the largest area the processor keeps: its worst case."""
+    w, h = image.size
+    s = (max_pixels / (w * h)) ** 0.5
+    return image.resize((max(1, round(w * s)), max(1, round(h * s))))
+
+
+def _first_batch(cfg, processor, images: str = "as_read") -> dict:
+    """The first training batch of this rank, read and collated as the trainer would;
+    `images="max_pixels"`: every image scaled to the processor's largest area first."""
     from .build import build_datamodule
     from .data.collate import TrainCollator
 
     dm = build_datamodule(cfg, processor)
     dm.prepare_data()
     examples = next(iter(dm.train_stream()))
+    if images == "max_pixels":
+        top = processor.pixel_range[1]
+        big = lambda im: None if im is None else _at_max_pixels(im, top)  # noqa: E731
+        examples = [dict(ex, qry_image=big(ex["qry_image"]), pos_image=big(ex["pos_image"]),
+                         neg_images=[big(im) for im in ex["neg_images"]]) for ex in examples]
     return TrainCollator(processor, dm.max_length)(examples)
+
+
+def _image_tokens(batch: dict, backbone) -> int:
+    """LLM tokens of the batch's images (patches / merge^2)."""
+    return int(batch["image_grid_thw"].prod(-1).sum()) // backbone.merge**2
 
 
 def check_memory(cfg, target: str = "cuda") -> dict | None:
     """`train.memory_check`: plan the peak memory of the configured step before any weight is read.
 
     mode `auto` plans on a CUDA device, `always` everywhere, `only` plans and stops, `never`
-    skips. The budget is `budget_gib` or the device's memory, minus `reserve_gib`. Over budget,
+    skips. `images`: `as_read` plans the first batch as the stream yields it, `max_pixels` with
+    every image scaled to the processor's largest area (the worst case of that batch's mix). The budget is `budget_gib` or the device's memory, minus `reserve_gib`. Over budget,
     a `MemoryPlanError` names the planned peak and the largest GradCache chunk that fits (for a
     sharded strategy the plan counts weights and optimizer states whole, an upper bound: it warns
     instead). `target`: whose attention kernels are planned ("cpu" to compare with a CPU run).
@@ -248,7 +267,7 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
     total = mc.budget_gib if mc.budget_gib is not None else device_gib
     budget = None if total is None else total - mc.reserve_gib
     backbone = build_backbone(cfg.backbone, meta=True)
-    batch = _first_batch(cfg, backbone.processor)
+    batch = _first_batch(cfg, backbone.processor, mc.images)
     chunk = cfg.train.gradcache.chunk_size
     B = batch["qry"]["ids"].shape[0]
 
@@ -257,11 +276,13 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
         return plan_step(meta_copy(build_model(cfg, backbone)).train(), batch, c, target)
 
     r = planned(chunk)
-    plan = {"batch": B, "gradcache_chunk": chunk, "budget_gib": budget, "device_gib": device_gib,
+    plan = {"batch": B, "gradcache_chunk": chunk, "images": mc.images, "image_tokens": _image_tokens(batch, backbone),
+            "budget_gib": budget, "device_gib": device_gib,
             **{f"{k}_gib": v / GiB for k, v in r.items()}}
     plan["fits"] = None if budget is None else plan["peak_gib"] <= budget
     verdict = ("" if budget is None else f" of a {budget:.1f} GiB budget ({total:.1f} - {mc.reserve_gib:g} reserved)")
-    log.info(f"memory plan: batch {B}, GradCache chunk {chunk}: peak {plan['peak_gib']:.2f} GiB{verdict} (weights "
+    log.info(f"memory plan: batch {B} ({plan['image_tokens']} image tokens, images {mc.images}), GradCache chunk "
+             f"{chunk}: peak {plan['peak_gib']:.2f} GiB{verdict} (weights "
              f"{plan['weights_gib']:.2f}, optimizer {plan['optimizer_gib']:.2f}, activations and gradients "
              f"{plan['transient_gib']:.2f})")
     if plan["fits"] is False:
