@@ -266,6 +266,9 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
     device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB if cuda else None
     total = mc.budget_gib if mc.budget_gib is not None else device_gib
     budget = None if total is None else total - mc.reserve_gib
+    if "mixed" in str(cfg.trainer.precision) and cfg.backbone.dtype in ("fp32", "float32"):
+        log.warning(f"memory plan: trainer.precision={cfg.trainer.precision} is not replayed on meta (no autocast): "
+                    "activations are planned in backbone.dtype=fp32, an overestimate")
     backbone = build_backbone(cfg.backbone, meta=True)
     batch = _first_batch(cfg, backbone.processor, mc.images)
     chunk = cfg.train.gradcache.chunk_size
