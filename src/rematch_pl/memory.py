@@ -10,6 +10,11 @@ real device takes (on meta, PyTorch would otherwise take the math path and hold 
 attention matrix): `target="cuda"` flash attention without a mask, memory-efficient attention
 with one, as on an H100; `target="cpu"` the CPU flash kernel (what the CPU test compares with).
 
+`plan_step` plans one training step as the trainer runs it (AdamW, GradCache) and
+`check_memory` is `train.memory_check`: the configured model, built from its config on meta,
+planned on the first batch of the data stream before any weight is read (`bench --suite memory`
+plans the 2B/7B shapes on MMEB-like batches).
+
 What the figure is: the peak of `torch.cuda.max_memory_allocated()` that the step would reach,
 up to the caching allocator's block rounding. Not in it: the CUDA context (~0.5 GiB, outside the
 allocator), cuBLAS/flash workspaces, and fragmentation (reserved minus allocated).
