@@ -230,8 +230,12 @@ def _at_max_pixels(image, max_pixels: int):
 
 
 def _first_batch(cfg, processor, images: str = "as_read") -> dict:
-    """The first training batch of this rank, read and collated as the trainer would;
-    `images="max_pixels"`: every image scaled to the processor's largest area first."""
+    """The stream's first training batch, read and collated as the trainer would;
+    `images="max_pixels"`: every image scaled to the processor's largest area first.
+
+    Called before the process group exists, the stream reads as one process: every rank plans
+    the same batch, so all ranks reach the same verdict (none waits for a rank that stopped).
+    """
     from .build import build_datamodule
     from .data.collate import TrainCollator
 

@@ -60,6 +60,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
     module = build_module(cfg, model, run_dir)
     dm = build_datamodule(cfg, backbone.processor)
     logger = build_logger(cfg, run_dir, run_name, group)
+    if plan is not None:  # next to perf/peak_mem_gb (measured) on the dashboards
+        for lg in logger:
+            lg.log_metrics({f"memory/planned_{k}": plan[k] for k in
+                            ("peak_gib", "weights_gib", "optimizer_gib", "transient_gib")}, step=0)
     trainer = build_trainer(cfg, run_dir, logger)
     t0 = time.perf_counter()
     try:
