@@ -122,3 +122,69 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradients():
     assert out[True][1].keys() == out[False][1].keys() and out[False][1]
     for k, g in out[False][1].items():
         torch.testing.assert_close(out[True][1][k], g, atol=1e-5, rtol=1e-4)
+
+
+def _lora_step(compute_dtype: str, dtype: str, dropout: float = 0.0):
+    """LLM forward + backward of the tiny backbone with nonzero LoRA branches; the live-tensor peak."""
+    from rematch_pl.backbone.model import load_backbone
+    from rematch_pl.memory import LiveBytes
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny://qwen2vl", dtype=dtype,
+                       lora={"r": 8, "alpha": 16, "dropout": dropout, "compute_dtype": compute_dtype})
+    g = torch.Generator().manual_seed(1)
+    for n, p in bb.named_parameters():
+        if "lora_B" in n:  # B starts at zero: make the branch matter
+            p.data = torch.randn(p.shape, generator=g).to(p.dtype) * 0.05
+    ids = torch.randint(0, bb.embed_tokens.num_embeddings, (4, 48), generator=g)
+    mode = LiveBytes()
+    mode.track(list(bb.parameters()), ids)
+    torch.manual_seed(2)  # the same dropout masks
+    with mode:
+        out = bb.hf.model.language_model(input_ids=ids, use_cache=False).last_hidden_state
+        out.float().pow(2).mean().backward()
+    grads = {n: p.grad for n, p in bb.named_parameters() if p.requires_grad}
+    return out.detach().float(), grads, mode.peak
+
+
+@pytest.mark.parametrize("compute_dtype", ["backbone", "fp32"])
+def test_lora_branch_against_a_float64_reference(compute_dtype):
+    """One LoRA layer of a bf16 backbone (fp32 LoRA weights): the branch's output and its weight
+    gradients against float64, for the bf16 branch (default) and PEFT's fp32 one."""
+    from rematch_pl.backbone.model import load_backbone
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny://qwen2vl", dtype="bf16",
+                       lora={"r": 8, "alpha": 16, "dropout": 0.0, "compute_dtype": compute_dtype})
+    layer = bb.hf.model.language_model.layers[0].mlp.down_proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    B.data = torch.randn(B.shape) * 0.05
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, A.shape[1], generator=g).to(torch.bfloat16)
+    s = layer.scaling["default"]
+    out = layer(x) - layer.base_layer(x)  # the LoRA branch, in the output dtype (bf16)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    ref = (x.double() @ A64.T @ B64.T) * s
+    (ref * torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)).sum().backward()
+    assert out.dtype == torch.bfloat16 and A.dtype == B.dtype == A.grad.dtype == B.grad.dtype == torch.float32
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
+    for grad, grad64 in ((A.grad, A64.grad), (B.grad, B64.grad)):
+        assert (grad.double() - grad64).norm() / grad64.norm() < 1e-2
+
+
+def test_lora_branch_in_the_activation_dtype_holds_less_memory():
+    """Whole LLM, bf16: the default branch gives PEFT's fp32-branch outputs within bf16 precision
+    and holds less memory (no fp32 copy of each LoRA input, no fp32 dropout)."""
+    ref, _, ref_peak = _lora_step("fp32", "bf16", dropout=0.1)
+    out, g, peak = _lora_step("backbone", "bf16", dropout=0.1)
+    assert ((out - ref).norm() / ref.norm()) < 2e-2
+    assert all(v.dtype == torch.float32 for v in g.values())
+    assert peak < 0.85 * ref_peak
+
+
+def test_lora_compute_dtype_changes_nothing_on_an_fp32_backbone():
+    ref, ref_g, _ = _lora_step("fp32", "fp32")
+    out, g, _ = _lora_step("backbone", "fp32")
+    assert torch.equal(out, ref)
+    assert all(torch.equal(g[n], ref_g[n]) for n in g)

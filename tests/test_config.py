@@ -71,6 +71,7 @@ def test_ablation_axes_take_their_values():
     ("train.memory_check.mode=sometimes", "train.memory_check.mode"),
     ("train.memory_check.budget_gib=0", "train.memory_check.budget_gib"),
     ("train.memory_check.images=huge", "train.memory_check.images"),
+    ("backbone.lora.compute_dtype=fp16", "backbone.lora.compute_dtype"),
     ("train.memory_check.budget_gib=8,train.memory_check.reserve_gib=8", "train.memory_check.reserve_gib"),
 ])
 def test_invalid_values_fail_naming_the_key(override, key):

@@ -46,15 +46,16 @@ SHAPES = {
 }
 
 
-def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32) -> Backbone:
+def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_compute: str = "backbone") -> Backbone:
     """A tiny backbone, or a real-size one built from config with the tiny tokenizer."""
     if shape == "tiny":
-        bb = load_backbone("tiny://qwen2vl", dtype=dtype, lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0})
+        bb = load_backbone("tiny://qwen2vl", dtype=dtype,
+                           lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "compute_dtype": lora_compute})
         return bb.to(device)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
-    from .backbone.model import DTYPES, LLM_LINEAR, lora_target_regex
+    from .backbone.model import DTYPES, LLM_LINEAR, lora_in_activation_dtype, lora_target_regex
     from .backbone.processor import MultimodalProcessor
     from .backbone.tiny import resolve_tiny
 
@@ -75,6 +76,8 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32) -> Ba
         model = AutoModelForImageTextToText.from_config(cfg, dtype=DTYPES[dtype], attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                              target_modules=lora_target_regex(LLM_LINEAR)))
+    if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
+        lora_in_activation_dtype(model)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Backbone(model, proc, name=f"qwen2vl_{shape}_random")
 
@@ -249,15 +252,15 @@ VARIANTS = {
 
 
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
-                chunk: int) -> dict:
+                chunk: int, lora_compute: str = "backbone") -> dict:
     """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache."""
     from .gradcache import gradcache_step
 
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, device, dtype)
+    bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute)
     peak = matmul_peak_tflops(device)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
-           "image_size": image_size, "matmul_peak_tflops": peak, "runs": []}
+           "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device)
         for name, kw in VARIANTS.items():
@@ -620,6 +623,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reserve-gib", type=float, default=4.0,
                     help="--suite memory: kept free for the CUDA context, workspaces, fragmentation")
     ap.add_argument("--search", type=int, default=0, help="--suite memory: also search the largest batch up to this")
+    ap.add_argument("--lora-compute", choices=["backbone", "fp32"], default="backbone",
+                    help="--suite train: LoRA branch in bf16 (default) or PEFT's fp32 (backbone.lora.compute_dtype)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
@@ -647,7 +652,7 @@ def main(argv=None) -> dict:
     elif a.suite == "train":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}")
-        res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk)
+        res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute)
         for r in res["runs"]:
             if "ratio_to_baseline" in r:
                 print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "

@@ -31,6 +31,36 @@ class LoraSettings:
     alpha: int = 64
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(LLM_LINEAR))
+    # "backbone": the LoRA branch computes in the activations' dtype (bf16) from fp32 weights, as
+    # autocast would; "fp32": PEFT's default, the branch upcasts its input (a full-width fp32
+    # copy of every LoRA input, fp32 matrix products)
+    compute_dtype: str = "backbone"
+
+
+class _InputDtypeLinear(nn.Linear):
+    """A LoRA factor that multiplies in its input's dtype: bf16 activations times its fp32 weight
+    cast to bf16. The cast is differentiable, so the fp32 weight still gets the gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def lora_in_activation_dtype(model: nn.Module) -> int:
+    """Make every LoRA branch of `model` compute in its input's dtype (see `LoraSettings`);
+    returns the number of LoRA factors changed. Parameter names, dtypes and values are unchanged."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.cast_input_dtype_enabled = False  # PEFT's x.to(lora_A.weight.dtype)
+            for factors in (m.lora_A, m.lora_B):
+                for lin in factors.values():
+                    if type(lin) is nn.Linear:
+                        lin.__class__ = _InputDtypeLinear
+                        n += 1
+    return n
 
 
 def resolve_path(path: str) -> str:
@@ -161,6 +191,10 @@ def load_backbone(
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=lora_target_regex(list(lora.targets)), bias="none")
         model = get_peft_model(model, cfg)
+        if lora.compute_dtype not in ("backbone", "fp32"):
+            raise ValueError(f"backbone.lora.compute_dtype={lora.compute_dtype!r}: expected backbone or fp32")
+        if lora.compute_dtype == "backbone":
+            lora_in_activation_dtype(model)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
