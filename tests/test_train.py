@@ -70,6 +70,7 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # two entry-point runs, ~30 s
 def test_memory_plan_only_plans_and_an_over_budget_run_stops_before_training(tmp_path):
     res = train(tmp_path / "plan", "train.memory_check.mode=only", timeout=300)
     plan = json.loads((tmp_path / "plan" / "memory_plan.json").read_text())
