@@ -260,8 +260,9 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
 
     mode `auto` plans on a CUDA device, `always` everywhere, `only` plans and stops, `never`
     skips. `images`: `as_read` plans the first batch as the stream yields it, `max_pixels` with
-    every image scaled to the processor's largest area (the worst case of that batch's mix). The budget is `budget_gib` or the device's memory, minus `reserve_gib`. Over budget,
-    a `MemoryPlanError` names the planned peak and the largest GradCache chunk that fits (for a
+    every image scaled to the processor's largest area (the worst case of that batch's mix).
+    The budget is `budget_gib` or the device's memory, minus `reserve_gib`. Over budget, a
+    `MemoryPlanError` names the planned peak and the largest GradCache chunk that fits (for a
     sharded strategy the plan counts weights and optimizer states whole, an upper bound: it warns
     instead). `target`: whose attention kernels are planned ("cpu" to compare with a CPU run).
     Returns the plan (GiB figures), or None when skipped.
