@@ -188,3 +188,46 @@ def test_lora_compute_dtype_changes_nothing_on_an_fp32_backbone():
     out, g, _ = _lora_step("backbone", "fp32")
     assert torch.equal(out, ref)
     assert all(torch.equal(g[n], ref_g[n]) for n in g)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_merged_lora_computes_the_branch_function(dtype):
+    """Backbone.merge_lora (inference): W + s·BA folded into each weight gives the LLM the separate
+    branch gives: to float32 rounding on an fp32 backbone, and on a bf16 one no further from a float64
+    reference than the branch itself (one rounding of the merged weight); PEFT's wrappers are gone."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    from rematch_pl.backbone.model import load_backbone
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny://qwen2vl", dtype=dtype, lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    g = torch.Generator().manual_seed(1)
+    for n, p in bb.named_parameters():
+        if "lora_B" in n:  # B starts at zero: make the branch matter
+            p.data = torch.randn(p.shape, generator=g).to(p.dtype) * 0.05
+    ids = torch.randint(0, bb.embed_tokens.num_embeddings, (4, 48), generator=g)
+    ref64 = copy.deepcopy(bb).double()
+
+    def llm(b):
+        with torch.no_grad():
+            return b.hf.model.language_model(input_ids=ids, use_cache=False).last_hidden_state.double()
+
+    ref, branch = llm(ref64), llm(bb)
+    with bb.model.disable_adapter():
+        base = llm(bb)
+    n_base = sum(p.numel() for n, p in bb.named_parameters() if "lora_" not in n)
+    assert bb.has_lora and bb.merge_lora()
+    merged = llm(bb)
+    assert not bb.has_lora and not bb.merge_lora()  # nothing left to merge
+    assert not any(isinstance(m, LoraLayer) for m in bb.modules())
+    assert sum(p.numel() for p in bb.parameters()) == n_base
+    assert ((branch - base).norm() / base.norm()).item() > 0.05  # the branch matters
+    if dtype == "fp32":
+        torch.testing.assert_close(merged, branch, atol=1e-5, rtol=1e-5)
+    else:
+        err_branch = ((branch - ref).norm() / ref.norm()).item()
+        err_merged = ((merged - ref).norm() / ref.norm()).item()
+        print(f"bf16 relative error to float64: branch {err_branch:.2e}, merged {err_merged:.2e}")
+        assert err_merged < 2e-2 and err_merged < 1.5 * err_branch, (err_merged, err_branch)

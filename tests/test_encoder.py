@@ -27,6 +27,20 @@ def test_content_text():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
+def test_lora_merged_at_load_has_its_own_cache_fingerprint():
+    """Merging at load rounds differently from the branch (bf16): a cache written one way is never
+    read the other way; without a pending adapter (base model, merged export) the key is unchanged."""
+    from rematch_pl.encoder import ModelSpec, fingerprint, lora_pending
+
+    lora = ModelSpec(backbone={"path": "tiny://qwen2vl", "lora": {"enabled": True, "r": 8}})
+    assert lora_pending(lora)
+    assert fingerprint(lora, "bf16", merge_lora=True) != fingerprint(lora, "bf16", merge_lora=False)
+    for spec in (ModelSpec(backbone={"path": "tiny://qwen2vl", "lora": {"enabled": False}}),
+                 ModelSpec(backbone={"path": "tiny://qwen2vl", "lora": {"enabled": True}}, merged=True)):
+        assert not lora_pending(spec)
+        assert fingerprint(spec, "bf16", merge_lora=True) == fingerprint(spec, "bf16", merge_lora=False)
+
+
 def test_encode_and_score(tmp_path_factory):
     import json
 
@@ -67,3 +81,6 @@ def test_eval_bench_encode_suite_runs(tmp_path):
     res = main(["--suite", "encode", "--n-image", "4", "--n-text", "6", "--batch", "4", "--out", str(tmp_path / "b.json")])
     assert res["image_items"] == 4 and res["text_items"] == 6 and res["image_items_per_s"] > 0
     assert res["mmeb_counts"]["image_items"] > 0 and res["mmeb_projected_s"] > 0 and (tmp_path / "b.json").is_file()
+    assert res["lora"] == "merged"  # as eval loads a LoRA checkpoint by default
+    sep = main(["--suite", "encode", "--n-image", "4", "--n-text", "6", "--batch", "4", "--lora", "separate"])
+    assert sep["lora"] == "separate" and sep["image_tokens_per_item"] == res["image_tokens_per_item"]

@@ -195,6 +195,16 @@ def test_collapsed_model_never_scores_above_chance(run_dir, tmp_path):
     assert all(v["accuracy"] == 0.0 for v in res["zeroshot"]["sugarcrepe"]["parts"].values())
 
 
+def test_separate_lora_branch_scores_as_the_merged_default(reference, run_dir, cache_a, tmp_path):
+    """eval.merge_lora=false keeps PEFT's branch: its own cache key, the same scores (fp32 on CPU)."""
+    res, _ = reference
+    sep = run(eval_cfg(f"ckpt={run_dir}", "eval=mmeb", "eval.merge_lora=false", cache_dir=cache_a), tmp_path)
+    assert sep["cache"]["encoded"] == sep["cache"]["unique"] > 0  # nothing read from the merged model's cache
+    assert sep["model"]["fingerprint"] != res["model"]["fingerprint"]
+    assert (sep["model"]["lora"], res["model"]["lora"]) == ("separate", "merged")
+    assert metrics_only(sep)["mmeb"] == metrics_only(res)["mmeb"]
+
+
 def test_base_backbone_without_checkpoint(tmp_path):
     res = run(eval_cfg("eval.subsets=[Syn_CLS]", "eval.mmeb.max_queries=8", cache_dir=tmp_path / "c"), tmp_path)
     assert res["model"]["kind"] == "base" and res["model"]["ckpt"] is None

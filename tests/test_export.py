@@ -49,8 +49,11 @@ def test_export_round_trip_gives_the_same_embeddings(run_dir, image, tmp_path):
     texts = ["two red circles", None, "<|image_1|>\nRepresent the given image for classification."]
     images = [None, str(image), str(image)]
     got = {}
-    for name, src in (("run", run_dir), ("adapter", run_dir / "adapter"), ("unmerged", u), ("merged", m)):
-        enc = Encoder.from_pretrained(src, device="cpu")
+    for name, src, merge in (("run", run_dir, False), ("adapter", run_dir / "adapter", False),
+                             ("unmerged", u, False), ("merged", m, False), ("run, merged at load", run_dir, True),
+                             ("unmerged, merged at load", u, True)):
+        enc = Encoder.from_pretrained(src, device="cpu", merge_lora=merge)
+        assert enc.model.backbone.has_lora == (name in ("run", "adapter", "unmerged")), name
         got[name] = (enc.encode(texts=texts, images=images, instruction="Find me an everyday image:"),
                      enc.encode(texts=texts, images=images, side="document"),
                      enc.score(("two red circles", None), [("red circle", None), (None, str(image))]))
@@ -58,6 +61,8 @@ def test_export_round_trip_gives_the_same_embeddings(run_dir, image, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(got["run"], got[name])), name
     for a, b in zip(got["run"], got["merged"]):  # LoRA folded into the weights: float32 rounding
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    for name in ("run, merged at load", "unmerged, merged at load"):  # the same fold as the merged export
+        assert all(torch.equal(a, b) for a, b in zip(got["merged"], got[name])), name
     # the eval entry point reads exported folders too, and scores them the same
     for d in (u, m):
         r = run(eval_cfg(f"ckpt={d}", "eval.subsets=[Syn_CLS]", "eval.mmeb.max_queries=12", cache_dir=tmp_path / "c"),

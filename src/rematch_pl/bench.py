@@ -55,7 +55,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
-    from .backbone.model import DTYPES, LLM_LINEAR, lora_in_activation_dtype, lora_target_regex
+    from .backbone.model import DTYPES, LLM_LINEAR, enable_recompute, lora_in_activation_dtype, lora_target_regex
     from .backbone.processor import MultimodalProcessor
     from .backbone.tiny import resolve_tiny
 
@@ -78,7 +78,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
                                              target_modules=lora_target_regex(LLM_LINEAR)))
     if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
         lora_in_activation_dtype(model)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_recompute(model.get_base_model())
     return Backbone(model, proc, name=f"qwen2vl_{shape}_random")
 
 
@@ -225,7 +225,9 @@ def step_flops(bb: Backbone, counts: dict, image_patches: list[int], gradcache: 
     def fwd(kind):
         return llm_forward_flops(bb, counts.get(kind, 0), counts.get(f"{kind}_attn", 0))
 
-    passes = 2 + (1 if bb.hf.is_gradient_checkpointing else 0)
+    hf = bb.hf  # transformers 5 renamed the flag (the old name warns); older versions have only the old one
+    recompute = getattr(hf, "is_activation_checkpointing", None)
+    passes = 2 + (1 if (hf.is_gradient_checkpointing if recompute is None else recompute) else 0)
     total = passes * (fwd("embed") + fwd("match")) + vision_flops(bb, image_patches)
     if gradcache:  # the embed counts hold the no-grad pass and the re-forward (half each): the no-grad
         total -= (passes - 1) * fwd("embed") / 2  # half runs forward only: (1 + passes) / 2 * fwd("embed")

@@ -144,8 +144,19 @@ def resolve_dtype(dtype: str | None, spec: ModelSpec, device: torch.device) -> s
     return dtype
 
 
-def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype: str | None = None):
-    """Build the ReMatch model of `spec` for inference (eval mode, no gradients) on `device`."""
+def lora_pending(spec: ModelSpec) -> bool:
+    """The model has LoRA factors beside its base weights (trained with LoRA, not a merged export)."""
+    return bool((spec.backbone.get("lora") or {}).get("enabled", False)) and not spec.merged
+
+
+def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype: str | None = None,
+               merge_lora: bool = False):
+    """Build the ReMatch model of `spec` for inference (eval mode, no gradients) on `device`.
+
+    `merge_lora`: fold the LoRA factors into the base weights after loading them (in the factors'
+    float32, before the cast to `dtype`: one rounding), so each adapted projection is one matmul.
+    Same function as the unmerged model up to that rounding (tested); the base model can then no
+    longer be recovered (`generate` keeps the adapter separate for its base comparison)."""
     from .backbone.model import DTYPES, load_backbone
     from .checkpoint import load_trainable
     from .model import ReMatchModel
@@ -154,7 +165,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
     dt = resolve_dtype(dtype, spec, dev)
     b = spec.backbone
     lora = dict(b.get("lora") or {})
-    lora = lora if lora.get("enabled", False) and not spec.merged else None
+    lora = lora if lora_pending(spec) else None
     if lora is not None:
         lora["dropout"] = 0.0
     bb = load_backbone(path=b["path"], dtype=dt, attn_implementation=b.get("attn_implementation") or "sdpa",
@@ -165,18 +176,23 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
                          template=spec.template)
     if spec.weights_dir:
         load_trainable(model, spec.weights_dir)
+    if merge_lora:
+        bb.merge_lora()
     model.requires_grad_(False)
     model.eval()
     return model.to(dev, DTYPES[dt])
 
 
-def fingerprint(spec: ModelSpec, dtype: str) -> str:
-    """Cache fingerprint of a loaded model (see `evaluation.cache`)."""
+def fingerprint(spec: ModelSpec, dtype: str, merge_lora: bool = False) -> str:
+    """Cache fingerprint of a loaded model (see `evaluation.cache`); a LoRA merged at load time
+    rounds differently from the separate branch, so it is part of the key."""
     from .backbone.model import resolve_path
     from .evaluation.cache import model_fingerprint
 
     base = resolve_path(spec.backbone["path"])
     settings = dict(spec.settings(), compute_dtype=dtype, base=spec.backbone["path"])
+    if merge_lora and lora_pending(spec):
+        settings["lora_merged_at_load"] = True
     return model_fingerprint(settings, [base], [spec.weights_dir] if spec.weights_dir else [])
 
 
@@ -227,16 +243,17 @@ class Encoder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
-                        backbone_path: str | None = None, base_config=None) -> "Encoder":
+                        backbone_path: str | None = None, base_config=None, merge_lora: bool = True) -> "Encoder":
         """A run directory, its adapter folder or an exported folder; ``path=None`` with `base_config`
-        (a mapping with backbone/fusion/matching/embedding groups) gives the base backbone."""
+        (a mapping with backbone/fusion/matching/embedding groups) gives the base backbone.
+        `merge_lora`: fold a LoRA adapter into the base weights at load (faster; see `load_model`)."""
         if path is None:
             if base_config is None:
                 raise ValueError("Encoder.from_pretrained(None) needs base_config (the base backbone's config)")
             spec = spec_from_config(base_config)
         else:
             spec = read_spec(path, backbone_path)
-        return cls(load_model(spec, device, dtype), spec)
+        return cls(load_model(spec, device, dtype, merge_lora=merge_lora), spec)
 
     @property
     def processor(self):

@@ -49,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
            "an integer >= 0 (0: no reranking)")
     _check(e.max_tokens is None or e.max_tokens >= 1, "eval.max_tokens", e.max_tokens, "null or >= 1")
     _check(e.flush_every >= 1, "eval.flush_every", e.flush_every, ">= 1")
+    _check(isinstance(e.merge_lora, bool), "eval.merge_lora", e.merge_lora, "true | false")
     if e.subsets is not None:
         _check(isinstance(e.subsets, (list, tuple)) or OmegaConf.is_list(e.subsets), "eval.subsets", e.subsets,
                "a list of subset / set names, e.g. eval.subsets=[ImageNet-1K,flickr30k]")
@@ -161,7 +162,7 @@ def run(cfg: DictConfig, out_dir: str | Path, model=None, spec=None, fabric=None
 
 
 def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | None:
-    from .encoder import fingerprint, load_model, resolve_dtype
+    from .encoder import fingerprint, load_model, lora_pending, resolve_dtype
     from .evaluation.cache import EmbeddingCache
     from .evaluation.engine import Engine, default_num_workers
     from .evaluation.suites import eval_choices, eval_mmeb_subset, eval_retrieval
@@ -178,8 +179,8 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
     dtype = resolve_dtype(e.dtype, spec, fabric.device)
     t_load = time.perf_counter()
     if model is None:
-        model = load_model(spec, fabric.device, dtype)
-        fp = fingerprint(spec, dtype)
+        model = load_model(spec, fabric.device, dtype, merge_lora=e.merge_lora)
+        fp = fingerprint(spec, dtype, merge_lora=e.merge_lora)
     else:
         fp = None
     load_s = time.perf_counter() - t_load
@@ -196,7 +197,8 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
                     num_workers=workers, max_length=max_length, flush_every=e.flush_every, progress=e.progress)
     model_info = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None, "kind": spec.kind, "backbone": spec.backbone["path"],
                   "k": spec.k, "sets": spec.sets, "template": spec.template, "dtype": dtype,
-                  "fingerprint": fp, "device": str(fabric.device), "world_size": fabric.world_size}
+                  "fingerprint": fp, "device": str(fabric.device), "world_size": fabric.world_size,
+                  "lora": "none" if not lora_pending(spec) else ("separate" if model.backbone.has_lora else "merged")}
     results: dict = {"model": model_info, "mmeb": {}, "zeroshot": {}}
     extra = OmegaConf.to_container(e.meta_tasks, resolve=True) if e.meta_tasks else None
 

@@ -2,7 +2,8 @@
 
 Encode throughput (items/s) of the evaluation engine (`rematch_pl.evaluation.engine`: length
 bucketing, DataLoader workers decoding JPEG files, bf16 on GPU, K=16 learnable tokens, chat
-template) on random-weight backbones built by `rematch_pl.bench.shaped_backbone` (tiny on CPU;
+template, LoRA r=32 merged into the weights as `rematch_pl.eval` does by default, or kept as
+PEFT's separate branch with ``--lora separate``) on random-weight backbones built by `rematch_pl.bench.shaped_backbone` (tiny on CPU;
 Qwen2-VL-2B/7B-shaped on a GPU, no download), for image items (instruction + image at MMEB-like
 sizes) and text items (labels, answers, captions) separately; then the projected wall time of the
 full 36-subset MMEB evaluation on one device:
@@ -94,7 +95,8 @@ _TEXTS = ["dog", "a tabby cat sleeping on a sofa", "Represent the answer: two",
 
 
 def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int, batch: int, workers: int,
-                 sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None) -> dict:
+                 sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None,
+                 lora: str = "merged") -> dict:
     from .backbone.model import DTYPES
     from .bench import llm_forward_flops, matmul_peak_tflops, shaped_backbone, vision_flops
     from .evaluation.engine import Engine, Request, estimate_image_tokens
@@ -102,14 +104,16 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bb = shaped_backbone(shape, device, dtype)
+    bb = shaped_backbone(shape, device, dtype)  # LoRA r=32 on the LLM's projections, as trained
+    if lora == "merged":  # as `rematch_pl.eval` loads a LoRA checkpoint by default (eval.merge_lora=true)
+        bb.merge_lora()
     model = ReMatchModel(bb, k=16, matching="none", template="chat").to(device, DTYPES[dtype]).eval()
     model.requires_grad_(False)
     build_s = time.perf_counter() - t0
     rng = random.Random(0)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "dtype": dtype, "batch": batch, "workers": workers, "image_sizes": [f"{w}x{h}" for w, h in sizes],
-           "build_s": round(build_s, 1), "k": 16, "template": "chat"}
+           "build_s": round(build_s, 1), "k": 16, "template": "chat", "lora": lora}
     with tempfile.TemporaryDirectory() as tmp:
         paths = _images(Path(tmp), n_image + batch, sizes)
         img_reqs = [Request(f"<|image_1|>\nRepresent the given image with the following question: "
@@ -157,7 +161,8 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
 def print_table(res: dict) -> None:
     c = res["mmeb_counts"]
     rows = [
-        ("model", f"Qwen2-VL-{res['shape']}-shaped, random weights, K=16, chat template, {res['dtype']}"),
+        ("model", f"Qwen2-VL-{res['shape']}-shaped, random weights, K=16, chat template, {res['dtype']}, "
+                  f"LoRA r=32 {res['lora']}"),
         ("device", res["device"]),
         ("image items (instruction + image)", f"{res['image_items_per_s']:.1f} items/s  ({res['image_items']} in "
                                                f"{res['image_s']:.1f} s, sizes {', '.join(res['image_sizes'])})"),
@@ -194,6 +199,8 @@ def main(argv=None) -> dict:
                     help="WxH list (default 112x112,84x112 tiny; 640x480,500x375,1024x768 otherwise: MMEB-like)")
     ap.add_argument("--mmeb", default=None, help="local MMEB-eval clone: count its unique items for the projection")
     ap.add_argument("--mmeb-images", default=None, help="its image root (only needed for the counts' paths)")
+    ap.add_argument("--lora", choices=["merged", "separate"], default="merged",
+                    help="LoRA r=32 folded into the weights (eval's default) or PEFT's separate branch")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -206,7 +213,7 @@ def main(argv=None) -> dict:
     workers = a.workers if a.workers is not None else (8 if a.device == "cuda" else 0)
     n_image, n_text = a.n_image or (64 if tiny else 512), a.n_text or (128 if tiny else 2048)
     res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch or (16 if tiny else 64), workers, sizes,
-                       a.mmeb, a.mmeb_images)
+                       a.mmeb, a.mmeb_images, a.lora)
     print_table(res)
     from .bench import write_results
 

@@ -144,11 +144,8 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
     wdir = Path(spec.weights_dir) if spec.weights_dir else None
     full_ft = wdir is not None and (wdir / "backbone_trainable.safetensors").is_file()
     if merge and (lora_on or full_ft):
-        model = load_model(spec, "cpu", "fp32")
-        hf = model.backbone.model
-        if lora_on:
-            hf = hf.merge_and_unload()
-        hf = hf.to(DTYPES[merge_dtype or dtype])
+        model = load_model(spec, "cpu", "fp32", merge_lora=True)
+        hf = model.backbone.model.to(DTYPES[merge_dtype or dtype])
         hf.save_pretrained(tmp / "model", safe_serialization=True)
         merged = True
     else:
