@@ -309,8 +309,8 @@ def _print_summary(out: Path, results: dict) -> None:
         if (out / f).exists():
             lines.append((out / f).read_text())
     c, t = results["cache"], results["timing"]
-    lines.append(f"encoded {c['encoded']} of {c['unique']} unique items ({c['cache_hits']} from the cache) in "
-                 f"{t['encode_s']:.1f} s; total {t['total_s']:.1f} s")
+    lines.append(f"encoded {c['encoded']} of {c['unique']} unique items ({c['cache_hits']} from the cache, "
+                 f"{c['image_reuses']} image reuses) in {t['encode_s']:.1f} s; total {t['total_s']:.1f} s")
     lines.append(f"output dir {out}")
     print("\n".join(lines), flush=True)
 

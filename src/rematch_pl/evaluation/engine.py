@@ -6,12 +6,14 @@
    are missing (rank 0 decides and broadcasts, so all ranks agree);
 2. groups the missing ones by (text, image): an item needed as a query *and* as a document is
    loaded, its image processed and run through the vision tower once, and both token sets are
-   appended in the same backbone pass;
-3. sorts the items by estimated sequence length (text tokens + image tokens from the image size)
+   appended in the same backbone pass; items that share an image file with different texts
+   (several questions on one picture, several objects to ground in it) form one *unit*: the image
+   is decoded, processed and run through the vision tower once for all of them;
+3. sorts the units by estimated sequence length (text tokens + image tokens from the image size)
    and deals them out to the ranks in strides (balanced), then cuts each rank's share into
    batches of similar lengths (``batch_size`` rows, at most ``max_tokens`` padded tokens);
 4. decodes and processes each image and tokenises each text in DataLoader workers (``num_workers``;
-   items, not whole batches, are dealt to the workers, so one batch's images decode in parallel),
+   units, not whole batches, are dealt to the workers, so one batch's images decode in parallel),
    encodes on the device (bf16 on GPU), writes a cache chunk every ``flush_every`` items
    (interruptible);
 5. gathers every rank's new embeddings on rank 0 (in pieces, through the CPU) and returns, on
@@ -96,25 +98,56 @@ def make_batches(lengths: list[int], rows: list[int], batch_size: int, max_token
     return batches
 
 
-class _Items(Dataset):
-    """Work items of one rank, each loaded on its own in a DataLoader worker: image decoded and
-    processed into patches, text tokenised -> ``(index, ids, pixel_values or None, grid or None)``.
-    Items (not batches) are what the workers share, so the images of one batch decode in parallel."""
+def image_units(items: list[tuple[str, str | None]], lengths: list[int], rows: list[int], max_rows: int
+                ) -> list[list[int]]:
+    """Work items -> loading units, longest first: the items that share an image file (at most
+    `max_rows` rows each: an item encoded as query and document counts twice) form one unit, whose
+    image is decoded, processed and encoded by the vision tower once; a text-only item is a unit
+    of its own. With no shared image this is the items sorted by length (ties: first seen first)."""
+    units: list[list[int]] = []
+    by_image: dict[str, list[int]] = {}
+    for i, (_, path) in enumerate(items):
+        if path is None:
+            units.append([i])
+        else:
+            by_image.setdefault(path, []).append(i)
+    for group in by_image.values():
+        cur, n = [], 0
+        for i in sorted(group, key=lambda i: (-lengths[i], i)):
+            if cur and n + rows[i] > max_rows:
+                units.append(cur)
+                cur, n = [], 0
+            cur.append(i)
+            n += rows[i]
+        units.append(cur)
+    return sorted(units, key=lambda u: (-max(lengths[i] for i in u), u[0]))
 
-    def __init__(self, items: list[tuple[str, str | None]], processor, max_length: int | None, image_patch: int = 28,
-                 pixel_dtype: torch.dtype = torch.float32):
-        self.items, self.processor, self.max_length, self.image_patch = items, processor, max_length, image_patch
+
+def _as_is(x):
+    """The DataLoader's collate for single units (no conversion of the token-id lists)."""
+    return x
+
+
+class _Units(Dataset):
+    """Loading units of one rank, each loaded on its own in a DataLoader worker: its image (if any)
+    decoded and processed into patches once, each of its texts tokenised ->
+    ``(item indices, [ids per item], pixel_values or None, grid or None)``. Units (not batches)
+    are what the workers share, so the images of one batch decode in parallel."""
+
+    def __init__(self, units: list[tuple[str | None, list[int], list[str]]], processor, max_length: int | None,
+                 image_patch: int = 28, pixel_dtype: torch.dtype = torch.float32):
+        self.units, self.processor, self.max_length, self.image_patch = units, processor, max_length, image_patch
         self.pixel_dtype = pixel_dtype  # the model's dtype: the cast the model would do, done here (half the copying)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.units)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, u: int):
         from rematch_pl.backbone.processor import ContentError
         from rematch_pl.data.images import load_image, make_processor_safe
         from rematch_pl.data.mmeb import DataError
 
-        text, path = self.items[i]
+        path, index, texts = self.units[u]
         pv = grid = n_tokens = None
         if path:
             try:
@@ -124,21 +157,25 @@ class _Items(Dataset):
             ib = self.processor.process_images([image])
             pv, grid = ib.pixel_values.to(self.pixel_dtype), ib.grid_thw[0]
             n_tokens = self.processor.num_image_tokens(grid)
-        try:
-            ids = self.processor.encode_content(text, n_tokens, self.max_length)
-        except ContentError as e:
-            raise DataError(f"eval item {text[:80]!r} (image {path}): {e}") from e
-        return i, ids, pv, grid
+        ids = []
+        for text in texts:
+            try:
+                ids.append(self.processor.encode_content(text, n_tokens, self.max_length))
+            except ContentError as e:
+                raise DataError(f"eval item {text[:80]!r} (image {path}): {e}") from e
+        return index, ids, pv, grid
 
 
-def collate_items(rows: list, processor) -> dict:
-    """Loaded items -> the eval batch of `rematch_pl.data.collate.EvalCollator` (same format)."""
+def collate_units(units: list, processor) -> dict:
+    """Loaded units -> the eval batch of `rematch_pl.data.collate.EvalCollator` (same format), one
+    row per item; the items of a unit point at its one image. ``item_index``: each row's item."""
     from rematch_pl.data.collate import pad_ids
 
-    ids, lengths = pad_ids([r[1] for r in rows], processor.pad_id)
-    image, pvs, grids = [], [], []
-    for _, _, pv, grid in rows:
-        image.append(len(pvs) if pv is not None else -1)
+    ids, lengths = pad_ids([x for u in units for x in u[1]], processor.pad_id)
+    image, index, pvs, grids = [], [], [], []
+    for idx, _, pv, grid in units:
+        image += [len(pvs) if pv is not None else -1] * len(idx)
+        index += idx
         if pv is not None:
             pvs.append(pv)
             grids.append(grid)
@@ -146,7 +183,7 @@ def collate_items(rows: list, processor) -> dict:
     return {"items": {"ids": ids, "lengths": lengths, "image": torch.tensor(image, dtype=torch.long)},
             "pixel_values": torch.cat(pvs) if pvs else empty.pixel_values,
             "image_grid_thw": torch.stack(grids).long() if grids else empty.grid_thw,
-            "item_index": torch.tensor([r[0] for r in rows], dtype=torch.long)}
+            "item_index": torch.tensor(index, dtype=torch.long)}
 
 
 # ====================================================================== model call
@@ -186,7 +223,8 @@ class Engine:
         self.gather_piece = gather_piece
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.stats = {"requests": 0, "unique": 0, "encoded": 0, "cache_hits": 0, "encode_s": 0.0}
+        self.stats = {"requests": 0, "unique": 0, "encoded": 0, "cache_hits": 0, "image_reuses": 0,
+                      "encode_s": 0.0}
 
     # ---------------------------------------------------------------- distributed helpers
     @property
@@ -261,17 +299,21 @@ class Engine:
     def _encode_missing(self, reqs: list[Request], keys: list[bytes], desc: str) -> None:
         items, sides, jobs = self._work_items(reqs)
         lengths = self._lengths(items)
-        order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
-        mine = order[self.rank::self.world]  # strided over the length order: balanced shards
-        batches = make_batches([lengths[i] for i in mine], [len(sides[i]) for i in mine], self.batch_size,
-                               self.max_tokens)
+        rows = [len(s) for s in sides]
+        units = image_units(items, lengths, rows, self.batch_size)
+        mine = units[self.rank::self.world]  # strided over the length order: balanced shards
+        batches = make_batches([max(lengths[i] for i in u) for u in mine], [sum(rows[i] for i in u) for u in mine],
+                               self.batch_size, self.max_tokens)
+        # image loads and vision-tower passes saved by the units (all ranks: every rank knows every unit)
+        self.stats["image_reuses"] += sum(len(u) - 1 for u in units if items[u[0]][1] is not None)
         proc = self.model.backbone.processor
-        ds = _Items([items[i] for i in mine], proc, self.max_length, pixel_dtype=self.dtype)
+        ds = _Units([(items[u[0]][1], u, [items[i][0] for i in u]) for u in mine], proc, self.max_length,
+                    pixel_dtype=self.dtype)
         extra = {}
-        if self.num_workers:  # enough items in flight to fill the next two batches
+        if self.num_workers:  # enough units in flight to fill the next two batches
             extra["prefetch_factor"] = max(2, math.ceil(2 * self.batch_size / self.num_workers))
-        loader = DataLoader(ds, batch_size=None, sampler=[i for b in batches for i in b], num_workers=self.num_workers,
-                            collate_fn=None, persistent_workers=False, **extra)
+        loader = DataLoader(ds, batch_size=None, sampler=[k for b in batches for k in b], num_workers=self.num_workers,
+                            collate_fn=_as_is, persistent_workers=False, **extra)
         loaded = iter(loader)
         bar = None
         total_rows = sum(len(s) for s in sides)
@@ -284,13 +326,13 @@ class Engine:
         done_embs: list[torch.Tensor] = []
         since_flush = 0
         for b in batches:
-            batch = collate_items([next(loaded) for _ in b], proc)
-            local = batch["item_index"].tolist()  # positions in `mine`
-            b_sides = [sides[mine[i]] for i in local]
+            batch = collate_units([next(loaded) for _ in b], proc)
+            local = batch["item_index"].tolist()  # the work item of each row
+            b_sides = [sides[i] for i in local]
             out = embed_batch(self.model, batch, b_sides, self.device, self.dtype)
             new_keys, new_embs = [], []
             for row, side, emb in out:
-                wi = mine[local[row]]
+                wi = local[row]
                 for j in jobs[wi]:
                     if model_side(self.model, reqs[j].side) == side:
                         if self.world > 1:  # kept for the gather on rank 0
