@@ -96,7 +96,7 @@ _TEXTS = ["dog", "a tabby cat sleeping on a sofa", "Represent the answer: two",
 
 def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int, batch: int, workers: int,
                  sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None,
-                 lora: str = "merged") -> dict:
+                 lora: str = "merged", max_tokens: int | None = None) -> dict:
     from .backbone.model import DTYPES
     from .bench import llm_forward_flops, matmul_peak_tflops, shaped_backbone, vision_flops
     from .evaluation.engine import Engine, Request, estimate_image_tokens
@@ -112,14 +112,15 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
     build_s = time.perf_counter() - t0
     rng = random.Random(0)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "dtype": dtype, "batch": batch, "workers": workers, "image_sizes": [f"{w}x{h}" for w, h in sizes],
+           "dtype": dtype, "batch": batch, "max_tokens": max_tokens, "workers": workers, "image_sizes": [f"{w}x{h}" for w, h in sizes],
            "build_s": round(build_s, 1), "k": 16, "template": "chat", "lora": lora}
     with tempfile.TemporaryDirectory() as tmp:
         paths = _images(Path(tmp), n_image + batch, sizes)
         img_reqs = [Request(f"<|image_1|>\nRepresent the given image with the following question: "
                             f"{rng.choice(_QUESTIONS)} ({i})", p, "qry") for i, p in enumerate(paths)]
         txt_reqs = [Request(f"{rng.choice(_TEXTS)} ({i})", None, "doc") for i in range(n_text + batch)]
-        engine = Engine(model, None, None, batch_size=batch, num_workers=workers, max_length=2048, progress=False)
+        engine = Engine(model, None, None, batch_size=batch, max_tokens=max_tokens, num_workers=workers,
+                        max_length=2048, progress=False)
         engine.encode(img_reqs[:batch] + txt_reqs[:batch], desc="warm-up")  # kernels, allocator, workers
         peak = matmul_peak_tflops(device)
         res["matmul_peak_tflops"] = round(peak, 1)
@@ -181,7 +182,7 @@ def print_table(res: dict) -> None:
                                                            f"({res['matmul_peak_tflops']:.0f} TFLOP/s)"))
     from .bench import print_rows
 
-    print_rows(f"bench encode: batch={res['batch']} workers={res['workers']}", rows)
+    print_rows(f"bench encode: batch={res['batch']} max_tokens={res['max_tokens']} workers={res['workers']}", rows)
 
 
 def main(argv=None) -> dict:
@@ -194,6 +195,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-image", type=int, default=None, help="image items timed (default 64 tiny, 512 otherwise)")
     ap.add_argument("--n-text", type=int, default=None, help="text items timed (default 128 tiny, 2048 otherwise)")
     ap.add_argument("--batch", type=int, default=None, help="rows per forward pass (default 16 tiny, 64 otherwise)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="also cap rows x longest sequence per batch (as eval.max_tokens)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 8 on GPU)")
     ap.add_argument("--image-sizes", default=None,
                     help="WxH list (default 112x112,84x112 tiny; 640x480,500x375,1024x768 otherwise: MMEB-like)")
@@ -213,7 +216,7 @@ def main(argv=None) -> dict:
     workers = a.workers if a.workers is not None else (8 if a.device == "cuda" else 0)
     n_image, n_text = a.n_image or (64 if tiny else 512), a.n_text or (128 if tiny else 2048)
     res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch or (16 if tiny else 64), workers, sizes,
-                       a.mmeb, a.mmeb_images, a.lora)
+                       a.mmeb, a.mmeb_images, a.lora, a.max_tokens)
     print_table(res)
     from .bench import write_results
 
