@@ -84,3 +84,14 @@ def test_eval_bench_encode_suite_runs(tmp_path):
     assert res["lora"] == "merged"  # as eval loads a LoRA checkpoint by default
     sep = main(["--suite", "encode", "--n-image", "4", "--n-text", "6", "--batch", "4", "--lora", "separate"])
     assert sep["lora"] == "separate" and sep["image_tokens_per_item"] == res["image_tokens_per_item"]
+
+
+def test_eval_bench_memory_suite_plans_the_worst_batch():
+    from rematch_pl.eval_bench import main
+
+    res = main(["--suite", "memory", "--configs", "4:none,8:none,8:200"])
+    rows = [(r["batch"], r["max_tokens"], r["rows"]) for r in res["runs"]]
+    assert rows == [(4, None, 4), (8, None, 8), (8, 200, 2)]  # 200 tokens hold two ~90-token rows
+    peak = [r["peak_gib"] for r in res["runs"]]
+    assert peak[2] < peak[0] < peak[1] and all(r["fits"] for r in res["runs"])
+    assert res["runs"][1]["patches"] == 2 * res["runs"][0]["patches"] > 0

@@ -165,3 +165,37 @@ def test_max_pixels_plans_the_same_batch_with_its_largest_images(tmp_path):
     assert len(grids) > 0 and bool(((pixels <= top) & (pixels >= 0.8 * top)).all())
     assert worst["image_tokens"] == int(grids.prod(-1).sum()) // 4 > read["image_tokens"]
     assert worst["peak_gib"] > read["peak_gib"]
+
+
+def _encode(meta: bool, backbone: str):
+    from PIL import Image
+
+    from rematch_pl.evaluation.engine import collate_units
+    from rematch_pl.memory import encode_memory
+
+    torch.manual_seed(0)
+    bb = load_backbone(f"tiny://{backbone}", dtype="fp32", lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    bb.merge_lora()
+    model = ReMatchModel(bb, k=4, matching="none", template="chat").eval()
+    model.requires_grad_(False)
+    proc = bb.processor
+    units = []
+    for i, size in enumerate([(112, 84), (56, 56), None]):
+        ib = proc.process_images([Image.new("RGB", size, (9 * i, 80, 120))]) if size else None
+        n = proc.num_image_tokens(ib.grid_thw[0]) if ib else None
+        texts = ["<|image_1|>\nWhat is shown?", "<|image_1|>\nHow many?"] if ib else ["a red circle"]
+        units.append(([2 * i, 2 * i + 1][:len(texts)], [proc.encode_content(t, n) for t in texts],
+                      ib.pixel_values if ib else None, ib.grid_thw[0] if ib else None))
+    batch = collate_units(units, proc)
+    sides = [["qry"], ["qry", "doc"], ["doc"], ["qry"], ["doc"]]
+    if meta:
+        model, batch = meta_copy(model), to_meta(batch)
+    return encode_memory(model, batch, sides, meta=meta, target="cpu")
+
+
+@pytest.mark.parametrize("backbone", ["qwen2vl", "qwen25vl"])
+def test_meta_encode_predicts_the_real_eval_forward_peak(backbone):
+    """The eval forward (shared images, query and document rows, bucketed passes) planned on meta
+    holds the same live bytes as the same forward on real tensors."""
+    real, planned = _encode(False, backbone), _encode(True, backbone)
+    assert planned == real and real["transient"] > 0 and real["inputs"] > 0

@@ -1,4 +1,4 @@
-"""`python -m rematch_pl.eval_bench --suite encode [--shape tiny|2b|7b] [--out FILE.json]`: figures, not tests.
+"""`python -m rematch_pl.eval_bench --suite encode|memory [--shape tiny|2b|7b] [--out FILE.json]`: figures, not tests.
 
 Encode throughput (items/s) of the evaluation engine (`rematch_pl.evaluation.engine`: length
 bucketing, DataLoader workers decoding JPEG files, bf16 on GPU, K=16 learnable tokens, chat
@@ -159,6 +159,53 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
     return res
 
 
+def suite_memory(shape: str, configs: list[tuple[int, int | None]], size: tuple[int, int], dtype: str = "bf16",
+                 target: str = "cuda", gpu_gib: float = 79.0, reserve_gib: float = 4.0) -> dict:
+    """Planned peak memory of the evaluation forward, no device needed (`memory.encode_memory`).
+
+    For each (batch rows, max_tokens) the worst batch the engine can form is planned: image items
+    of the largest MMEB-like size (instruction + question + image), as many rows as fit both caps
+    (the engine's `make_batches` rule), LoRA merged, on the real-size model built on meta.
+    """
+    from .backbone.model import DTYPES
+    from .bench import shaped_backbone
+    from .evaluation.engine import _Units, collate_units, make_batches
+    from .memory import GiB, encode_memory, meta_copy
+    from .model import ReMatchModel
+
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
+    bb.merge_lora()
+    model = meta_copy(ReMatchModel(bb, k=16, matching="none", template="chat").to(DTYPES[dtype]).eval())
+    model.requires_grad_(False)
+    budget = gpu_gib - reserve_gib
+    res = {"shape": shape, "dtype": dtype, "target": target, "image_size": f"{size[0]}x{size[1]}",
+           "gpu_gib": gpu_gib, "reserve_gib": reserve_gib, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        (path,) = _images(Path(tmp), 1, [size])
+        text = f"<|image_1|>\nRepresent the given image with the following question: {max(_QUESTIONS, key=len)}"
+        unit = _Units([(path, [0], [text])], bb.processor, None, pixel_dtype=DTYPES[dtype])[0]
+    length = len(unit[1][0]) + model.fusion.k + 32  # as the engine estimates it
+    n_patches = int(unit[3].prod())
+    print(f"\nbench encode memory: Qwen2-VL-{shape} shape, {dtype}, LoRA merged, {size[0]}x{size[1]} images "
+          f"({n_patches} patches, ~{length} tokens per row), planned for {target} (budget {gpu_gib:g} - "
+          f"{reserve_gib:g} GiB reserve = {budget:g} GiB)", flush=True)
+    for rows_cap, max_tokens in configs:
+        first = make_batches([length] * rows_cap, [1] * rows_cap, rows_cap, max_tokens)[0]
+        n = len(first)
+        batch = collate_units([([i], unit[1], unit[2].to("meta"), unit[3]) for i in range(n)], bb.processor)
+        t = time.perf_counter()
+        r = {k: v / GiB for k, v in encode_memory(model, batch, [["qry"]] * n, meta=True, target=target).items()}
+        row = {"batch": rows_cap, "max_tokens": max_tokens, "rows": n, "patches": n * n_patches,
+               **{f"{k}_gib": v for k, v in r.items()}, "fits": r["peak"] <= budget,
+               "planned_in_s": time.perf_counter() - t}
+        res["runs"].append(row)
+        print(f"  batch {rows_cap:<4} max_tokens {max_tokens!s:<6} -> {n:4d} rows, {n * n_patches:7d} patches: weights "
+              f"{r['weights']:7.3f}  inputs {r['inputs']:6.3f}  activations {r['transient']:7.3f}  peak "
+              f"{r['peak']:7.3f} GiB  {'fits' if row['fits'] else 'DOES NOT FIT'}", flush=True)
+    return res
+
+
 def print_table(res: dict) -> None:
     c = res["mmeb_counts"]
     rows = [
@@ -188,7 +235,12 @@ def print_table(res: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.eval_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["encode"], default="encode")
+    ap.add_argument("--suite", choices=["encode", "memory"], default="encode",
+                    help="encode: throughput; memory: planned peak of the eval forward on meta (no device)")
+    ap.add_argument("--configs", default="32:none,64:none,512:32768,512:65536",
+                    help="memory suite: ROWS:MAX_TOKENS list (none: no token cap)")
+    ap.add_argument("--gpu-gib", type=float, default=79.0, help="memory suite: the card's memory")
+    ap.add_argument("--reserve-gib", type=float, default=4.0, help="memory suite: kept free for context, fragmentation")
     ap.add_argument("--shape", choices=["tiny", "2b", "7b"], default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="fp32 (CPU default) or bf16 (GPU default)")
@@ -210,6 +262,15 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     tiny = a.shape == "tiny"
+    if a.suite == "memory":
+        from .bench import write_results
+
+        size = tuple(int(x) for x in (a.image_sizes or ("112x112" if tiny else "1024x768")).split(",")[0].split("x"))
+        configs = [(int(r), None if t == "none" else int(t)) for r, t in (c.split(":") for c in a.configs.split(","))]
+        res = suite_memory(a.shape, configs, size, a.dtype or "bf16", "cuda" if not tiny else "cpu", a.gpu_gib,
+                           a.reserve_gib)
+        write_results(res, a.out)
+        return res
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     sizes = a.image_sizes or ("112x112,84x112" if tiny else "640x480,500x375,1024x768")
     sizes = [tuple(int(x) for x in s.split("x")) for s in sizes.split(",")]

@@ -187,6 +187,26 @@ def step_memory(model: torch.nn.Module, batch: dict, step: Callable[[], None], o
             "transient": mode.peak - mode.now}
 
 
+def encode_memory(model: torch.nn.Module, batch: dict, sides: list[list[str]], meta: bool,
+                  target: str = "cuda") -> dict:
+    """Peak bytes of one evaluation forward (`evaluation.engine.embed_batch`: vision tower and
+    embedding pass, no gradients) of `model` on a collated eval `batch` (pixels on meta when
+    `meta`). Returns bytes: `weights`, `inputs`, `peak` and `transient` (peak minus both)."""
+    from .evaluation.engine import embed_batch
+
+    p = next(model.parameters())
+    mode = LiveBytes(meta=meta)
+    mode.track(list(model.parameters()), list(model.buffers()))
+    weights = mode.now
+    mode.track(batch)
+    inputs = mode.now - weights
+    with mode, (FusedAttention(target) if meta else nullcontext()):
+        mode.reset_peak()
+        out = embed_batch(model, batch, sides, p.device, p.dtype, out_device=p.device)
+        del out
+    return {"weights": weights, "inputs": inputs, "peak": mode.peak, "transient": mode.peak - weights - inputs}
+
+
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """`model` moved to meta (in place), with tied weights tied again (the move unties them)."""
     from transformers import PreTrainedModel

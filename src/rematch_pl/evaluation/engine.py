@@ -188,8 +188,10 @@ def collate_units(units: list, processor) -> dict:
 
 # ====================================================================== model call
 @torch.no_grad()
-def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype) -> list[tuple[int, str, torch.Tensor]]:
-    """One collated batch -> [(row in batch, side, fused embedding [d])] for every requested side."""
+def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype, out_device="cpu"
+                ) -> list[tuple[int, str, torch.Tensor]]:
+    """One collated batch -> [(row in batch, side, fused embedding [d], float32 on `out_device`)]
+    for every requested side."""
     grids = batch["image_grid_thw"]
     pv = batch["pixel_values"]
     feats = model.backbone.encode_images(pv.to(device, dtype), grids.to(device)) if grids.numel() else []
@@ -203,7 +205,7 @@ def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype) -> li
     outs = model.embed(groups, feats, grids)
     res = []
     for (side, sel), (fused, _) in zip(owners, outs):
-        fused = fused.float().cpu()
+        fused = fused.float().to(out_device)
         res += [(i, side, fused[j]) for j, i in enumerate(sel)]
     return res
 
