@@ -16,7 +16,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${STEP_TIMEOUT:-170}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"; }
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
 # train_2b also checks the planned peaks of `bench --suite memory` (README) against max_memory_allocated.
-SUITES=${SUITES:-profile_2b train_2b train_2b_lora_fp32 encode_2b vision_2b train_7b strategies max_batch_2b matching_2b encode_2b_lora_separate encode_2b_big_batches}
+SUITES=${SUITES:-profile_2b train_2b train_2b_lora_fp32 encode_2b vision_2b train_7b strategies max_batch_2b matching_2b encode_2b_lora_separate encode_2b_rows64}
 for suite in $SUITES; do
   case $suite in
     profile_2b) run profile_2b rematch_pl.bench --suite profile --shape 2b --batch 16 --out "$OUT/profile_2b.json" ;;
@@ -24,8 +24,8 @@ for suite in $SUITES; do
     encode_2b) run encode_2b rematch_pl.eval_bench ${EVAL_BENCH_ARGS:---suite encode --shape 2b --out "$OUT/encode_2b.json"} ;;
     encode_2b_lora_separate) run encode_2b_lora_separate rematch_pl.eval_bench --suite encode --shape 2b --lora separate \
       --out "$OUT/encode_2b_lora_separate.json" ;;
-    encode_2b_big_batches) run encode_2b_big_batches rematch_pl.eval_bench --suite encode --shape 2b --batch 512 \
-      --max-tokens 32768 --out "$OUT/encode_2b_big_batches.json" ;;
+    encode_2b_rows64) run encode_2b_rows64 rematch_pl.eval_bench --suite encode --shape 2b --batch 64 --max-tokens 0 \
+      --out "$OUT/encode_2b_rows64.json" ;;
     train_2b) run train_2b rematch_pl.bench --suite train --shape 2b --batches 16,128 --chunk 16 --iters 2 --out "$OUT/train_2b.json" ;;
     train_2b_lora_fp32) run train_2b_lora_fp32 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
       --lora-compute fp32 --out "$OUT/train_2b_lora_fp32.json" ;;

@@ -17,6 +17,7 @@ def test_image_units_group_shared_images_and_keep_the_length_order():
     assert sorted(i for u in units for i in u) == list(range(6))  # every item once
     assert units == [[2, 4], [0], [3], [5], [1]]  # x.png: c + e fill 3 rows, a starts its own unit
     # nothing shared: the items in length order, ties first-seen first
+    assert image_units(items, lengths, rows, max_rows=8, max_tokens=130) == [[2], [4, 0], [3], [5], [1]]
     plain = [("a", "p.png"), ("b", None), ("c", "q.png"), ("d", None)]
     assert image_units(plain, [5, 9, 9, 1], [1, 1, 1, 1], 8) == [[1], [2], [0], [3]]
 

@@ -246,9 +246,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default=None, help="fp32 (CPU default) or bf16 (GPU default)")
     ap.add_argument("--n-image", type=int, default=None, help="image items timed (default 64 tiny, 512 otherwise)")
     ap.add_argument("--n-text", type=int, default=None, help="text items timed (default 128 tiny, 2048 otherwise)")
-    ap.add_argument("--batch", type=int, default=None, help="rows per forward pass (default 16 tiny, 64 otherwise)")
-    ap.add_argument("--max-tokens", type=int, default=None,
-                    help="also cap rows x longest sequence per batch (as eval.max_tokens)")
+    ap.add_argument("--batch", type=int, default=256, help="rows per forward pass at most (eval.batch_size)")
+    ap.add_argument("--max-tokens", type=int, default=32768,
+                    help="and rows x longest sequence at most (eval.max_tokens; 0: no cap)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 8 on GPU)")
     ap.add_argument("--image-sizes", default=None,
                     help="WxH list (default 112x112,84x112 tiny; 640x480,500x375,1024x768 otherwise: MMEB-like)")
@@ -276,8 +276,8 @@ def main(argv=None) -> dict:
     sizes = [tuple(int(x) for x in s.split("x")) for s in sizes.split(",")]
     workers = a.workers if a.workers is not None else (8 if a.device == "cuda" else 0)
     n_image, n_text = a.n_image or (64 if tiny else 512), a.n_text or (128 if tiny else 2048)
-    res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch or (16 if tiny else 64), workers, sizes,
-                       a.mmeb, a.mmeb_images, a.lora, a.max_tokens)
+    res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch, workers, sizes, a.mmeb, a.mmeb_images,
+                       a.lora, a.max_tokens or None)
     print_table(res)
     from .bench import write_results
 

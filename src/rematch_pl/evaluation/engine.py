@@ -98,12 +98,13 @@ def make_batches(lengths: list[int], rows: list[int], batch_size: int, max_token
     return batches
 
 
-def image_units(items: list[tuple[str, str | None]], lengths: list[int], rows: list[int], max_rows: int
-                ) -> list[list[int]]:
-    """Work items -> loading units, longest first: the items that share an image file (at most
-    `max_rows` rows each: an item encoded as query and document counts twice) form one unit, whose
-    image is decoded, processed and encoded by the vision tower once; a text-only item is a unit
-    of its own. With no shared image this is the items sorted by length (ties: first seen first)."""
+def image_units(items: list[tuple[str, str | None]], lengths: list[int], rows: list[int], max_rows: int,
+                max_tokens: int | None = None) -> list[list[int]]:
+    """Work items -> loading units, longest first: the items that share an image file form one unit
+    (within a batch's caps: `max_rows` rows, an item encoded as query and document counting twice,
+    and `max_tokens` padded tokens), whose image is decoded, processed and encoded by the vision
+    tower once; a text-only item is a unit of its own. With no shared image this is the items
+    sorted by length (ties: first seen first)."""
     units: list[list[int]] = []
     by_image: dict[str, list[int]] = {}
     for i, (_, path) in enumerate(items):
@@ -114,7 +115,8 @@ def image_units(items: list[tuple[str, str | None]], lengths: list[int], rows: l
     for group in by_image.values():
         cur, n = [], 0
         for i in sorted(group, key=lambda i: (-lengths[i], i)):
-            if cur and n + rows[i] > max_rows:
+            full = n + rows[i] > max_rows or (max_tokens and (n + rows[i]) * lengths[cur[0] if cur else i] > max_tokens)
+            if cur and full:
                 units.append(cur)
                 cur, n = [], 0
             cur.append(i)
@@ -302,7 +304,7 @@ class Engine:
         items, sides, jobs = self._work_items(reqs)
         lengths = self._lengths(items)
         rows = [len(s) for s in sides]
-        units = image_units(items, lengths, rows, self.batch_size)
+        units = image_units(items, lengths, rows, self.batch_size, self.max_tokens)
         mine = units[self.rank::self.world]  # strided over the length order: balanced shards
         batches = make_batches([max(lengths[i] for i in u) for u in mine], [sum(rows[i] for i in u) for u in mine],
                                self.batch_size, self.max_tokens)
@@ -312,8 +314,9 @@ class Engine:
         ds = _Units([(items[u[0]][1], u, [items[i][0] for i in u]) for u in mine], proc, self.max_length,
                     pixel_dtype=self.dtype)
         extra = {}
-        if self.num_workers:  # enough units in flight to fill the next two batches
-            extra["prefetch_factor"] = max(2, math.ceil(2 * self.batch_size / self.num_workers))
+        if self.num_workers and batches:  # enough units in flight to fill the next two batches, sized by the
+            # first (longest-item) batch: image units hold their pixels in shared memory; text units are small
+            extra["prefetch_factor"] = max(2, math.ceil(2 * len(batches[0]) / self.num_workers))
         loader = DataLoader(ds, batch_size=None, sampler=[k for b in batches for k in b], num_workers=self.num_workers,
                             collate_fn=_as_is, persistent_workers=False, **extra)
         loaded = iter(loader)
