@@ -16,7 +16,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${STEP_TIMEOUT:-170}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"; }
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
 # train_2b also checks the planned peaks of `bench --suite memory` (README) against max_memory_allocated.
-SUITES=${SUITES:-profile_2b train_2b train_2b_lora_fp32 encode_2b vision_2b train_7b strategies max_batch_2b matching_2b encode_2b_lora_separate encode_2b_rows64}
+SUITES=${SUITES:-train_2b encode_2b profile_2b strategies train_7b vision_2b max_batch_2b train_2b_lora_fp32 matching_2b encode_2b_rows64 encode_2b_lora_separate}
 for suite in $SUITES; do
   case $suite in
     profile_2b) run profile_2b rematch_pl.bench --suite profile --shape 2b --batch 16 --out "$OUT/profile_2b.json" ;;
