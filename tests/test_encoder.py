@@ -60,6 +60,16 @@ def test_encode_and_score(tmp_path_factory):
     # a PIL image and its path, one at a time or batched: the same embedding
     single = enc.encode(images=Image.open(img), instruction="Find me an everyday image that matches the given caption:")
     torch.testing.assert_close(single[0], e[2], atol=1e-5, rtol=1e-5)
+    # files go through the evaluation engine (length order, a shared image, a repeated item, workers),
+    # in-memory PIL images through the in-order loop: the same embeddings, in input order
+    img2 = sorted((Path(out_dir) / "eval" / "images" / "Syn_CLS").glob("*.png"))[1]
+    texts, imgs = ["What color?", "How many?", "two red circles", "What color?", None], [img, img, None, img, img2]
+    ask = "Represent the given image with the following question:"
+    files = enc.encode(texts=texts, images=imgs, instruction=ask, side="document", num_workers=2)
+    pil = enc.encode(texts=texts, images=[Image.open(p) if p else None for p in imgs], instruction=ask,
+                     side="document")
+    torch.testing.assert_close(files, pil, atol=1e-5, rtol=1e-5)
+    assert torch.equal(files[0], files[3]) and not torch.allclose(files[0], files[1])
     d = enc.encode(texts=["two red circles"], side="document")
     q = enc.encode(texts=["two red circles"], side="query")
     assert not torch.allclose(d, q)  # separate query / document token sets

@@ -278,21 +278,37 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, texts=None, images=None, instruction: str | None = None, side: str = "query",
-               batch_size: int = 16, normalize: bool = True) -> torch.Tensor:
-        """Embeddings [N, d] (float32, CPU) of N items.
+               batch_size: int | None = None, normalize: bool = True, max_tokens: int | None = 32768,
+               num_workers: int = 0, progress: bool = False) -> torch.Tensor:
+        """Embeddings [N, d] (float32, CPU) of N items, in input order.
 
         texts: a string or a list (None entries for image-only items); images: a PIL image, a path,
         or a list of them (None entries for text-only items); instruction: put before each text
         (MMEB style); side: "query" (the query token set) or "document" / "doc".
+
+        Items with image files (or no image) run through the evaluation engine
+        (`evaluation.engine`), as `rematch_pl.eval` encodes: sorted by length into batches of at
+        most `batch_size` rows (default 256) and `max_tokens` padded tokens, images decoded in
+        `num_workers` DataLoader workers, an image file shared by several items encoded once,
+        repeated items encoded once. With in-memory PIL images the items are encoded in input
+        order, `batch_size` (default 16) at a time.
         """
-        from .data.collate import EvalCollator
-        from .evaluation.engine import embed_batch, model_side
+        from .evaluation.engine import Engine, Request, embed_batch, model_side
 
         s = {"query": "qry", "qry": "qry", "document": "doc", "doc": "doc"}.get(side)
         if s is None:
             raise ValueError(f"side={side!r}: expected 'query' or 'document'")
-        s = model_side(self.model, s)
         contents = self._contents(texts, images, instruction)
+        if all(im is None or isinstance(im, (str, os.PathLike)) for _, im in contents):
+            engine = Engine(self.model, None, None, batch_size=batch_size or 256, max_tokens=max_tokens,
+                            num_workers=num_workers, max_length=self.spec.max_length, progress=progress)
+            emb = engine.encode([Request(t, None if im is None else os.fspath(im), s) for t, im in contents],
+                                desc="encode")
+            return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+        from .data.collate import EvalCollator
+
+        s = model_side(self.model, s)
+        batch_size = batch_size or 16
         collate = EvalCollator(self.processor, self.spec.max_length)
         out = []
         for b0 in range(0, len(contents), batch_size):
