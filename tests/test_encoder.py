@@ -92,6 +92,9 @@ def test_eval_bench_encode_suite_runs(tmp_path):
     assert res["image_items"] == 4 and res["text_items"] == 6 and res["image_items_per_s"] > 0
     assert res["mmeb_counts"]["image_items"] > 0 and res["mmeb_projected_s"] > 0 and (tmp_path / "b.json").is_file()
     assert res["lora"] == "merged"  # as eval loads a LoRA checkpoint by default
+    for kind in ("image", "text"):  # the encode time split into the model's share and the wait for inputs
+        assert res[f"{kind}_model_s"] > 0 and res[f"{kind}_data_wait_s"] >= 0
+        assert res[f"{kind}_model_s"] + res[f"{kind}_data_wait_s"] <= res[f"{kind}_s"] + 0.02
     sep = main(["--suite", "encode", "--n-image", "4", "--n-text", "6", "--batch", "4", "--lora", "separate"])
     assert sep["lora"] == "separate" and sep["image_tokens_per_item"] == res["image_tokens_per_item"]
 

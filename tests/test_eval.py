@@ -65,6 +65,8 @@ def test_trained_model_beats_chance_and_tables_are_written(reference):
               "mmeb/Syn_CLS.json", "zeroshot/flickr30k.json", "zeroshot/sugarcrepe.json"):
         assert (out / f).is_file(), f
     assert "| CLS | VQA | RET | VG | IND | OOD | Overall |" in (out / "table1.md").read_text()
+    t = res["timing"]
+    assert t["model_s"] > 0 and t["data_wait_s"] >= 0 and t["model_s"] + t["data_wait_s"] <= t["encode_s"] + 0.02
     assert "Flickr30K t->i" in (out / "table2.md").read_text()
 
 

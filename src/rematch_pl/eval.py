@@ -258,9 +258,10 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
         (out / "table2.md").write_text(markdown([(name, t2)], [c for _, _, c in TABLE2_COLUMNS],
                                                 "Zero-shot Recall@1 / accuracy (%), Table 2 layout"))
         _write_json(out / "table2.json", {"model": model_info, "row": t2})
+    timing = ("encode_s", "data_wait_s", "model_s")
     results["timing"] = {"load_s": round(load_s, 2), "total_s": round(time.perf_counter() - t_start, 2),
-                         "encode_s": round(engine.stats["encode_s"], 2)}
-    results["cache"] = {k: v for k, v in engine.stats.items() if k != "encode_s"}
+                         **{k: round(engine.stats[k], 2) for k in timing}}
+    results["cache"] = {k: v for k, v in engine.stats.items() if k not in timing}
     results["cache"]["dir"] = str(cache.dir) if cache.dir else None
     _write_json(out / "results.json", results)
     if cfg.logger.name == "wandb":
@@ -310,7 +311,8 @@ def _print_summary(out: Path, results: dict) -> None:
             lines.append((out / f).read_text())
     c, t = results["cache"], results["timing"]
     lines.append(f"encoded {c['encoded']} of {c['unique']} unique items ({c['cache_hits']} from the cache, "
-                 f"{c['image_reuses']} image reuses) in {t['encode_s']:.1f} s; total {t['total_s']:.1f} s")
+                 f"{c['image_reuses']} image reuses) in {t['encode_s']:.1f} s (model {t['model_s']:.1f} s, waiting for "
+                 f"inputs {t['data_wait_s']:.1f} s: more eval.num_workers if large); total {t['total_s']:.1f} s")
     lines.append(f"output dir {out}")
     print("\n".join(lines), flush=True)
 

@@ -130,6 +130,7 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             model.reset_counts()
+            wait0, model0 = engine.stats["data_wait_s"], engine.stats["model_s"]
             t = time.perf_counter()
             engine.encode(reqs, desc=kind)
             if device == "cuda":
@@ -141,6 +142,8 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
             flops = llm_forward_flops(bb, counts.get("embed", 0), counts.get("embed_attn", 0)) + vision_flops(bb, patches)
             res[f"{kind}_items"] = len(reqs)
             res[f"{kind}_s"] = round(dt, 2)
+            res[f"{kind}_data_wait_s"] = round(engine.stats["data_wait_s"] - wait0, 2)  # waiting for the workers
+            res[f"{kind}_model_s"] = round(engine.stats["model_s"] - model0, 2)  # collate + forward, synced
             res[f"{kind}_items_per_s"] = round(len(reqs) / dt, 2)
             res[f"{kind}_tokens_per_item"] = round(counts.get("embed", 0) / len(reqs), 1)
             res[f"{kind}_patches_per_item"] = round(sum(patches) / len(reqs), 1)
@@ -214,7 +217,9 @@ def print_table(res: dict) -> None:
         ("device", res["device"]),
         ("image items (instruction + image)", f"{res['image_items_per_s']:.1f} items/s  ({res['image_items']} in "
                                                f"{res['image_s']:.1f} s, sizes {', '.join(res['image_sizes'])})"),
+        ("  of which", f"model {res['image_model_s']:.1f} s, waiting for inputs {res['image_data_wait_s']:.1f} s"),
         ("text items", f"{res['text_items_per_s']:.1f} items/s  ({res['text_items']} in {res['text_s']:.1f} s)"),
+        ("  of which", f"model {res['text_model_s']:.1f} s, waiting for inputs {res['text_data_wait_s']:.1f} s"),
         ("work per image item", f"{res['image_tflop_per_item'] * 1e3:.1f} GFLOP ({res['image_patches_per_item']:.0f} patches, "
                                 f"{res['image_tokens_per_item']:.0f} LLM tokens); achieved {res['image_tflops']:.1f} "
                                 f"TFLOP/s" + (f", MFU {res['image_mfu'] * 100:.0f}%" if res["image_mfu"] == res["image_mfu"] else "")),

@@ -228,7 +228,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.stats = {"requests": 0, "unique": 0, "encoded": 0, "cache_hits": 0, "image_reuses": 0,
-                      "encode_s": 0.0}
+                      "encode_s": 0.0, "data_wait_s": 0.0, "model_s": 0.0}
 
     # ---------------------------------------------------------------- distributed helpers
     @property
@@ -331,10 +331,16 @@ class Engine:
         done_embs: list[torch.Tensor] = []
         since_flush = 0
         for b in batches:
-            batch = collate_units([next(loaded) for _ in b], proc)
+            t0 = time.perf_counter()
+            units = [next(loaded) for _ in b]  # waiting for the workers (input-bound when large)
+            t1 = time.perf_counter()
+            batch = collate_units(units, proc)
             local = batch["item_index"].tolist()  # the work item of each row
             b_sides = [sides[i] for i in local]
-            out = embed_batch(self.model, batch, b_sides, self.device, self.dtype)
+            out = embed_batch(self.model, batch, b_sides, self.device, self.dtype)  # ends on the host: synced
+            t2 = time.perf_counter()
+            self.stats["data_wait_s"] += t1 - t0
+            self.stats["model_s"] += t2 - t1
             new_keys, new_embs = [], []
             for row, side, emb in out:
                 wi = local[row]
