@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .backbone.model import Backbone, load_backbone
+from .backbone.model import Backbone, load_backbone, recompute_enabled
 from .model import ReMatchModel
 
 SHAPES = {
@@ -225,9 +225,7 @@ def step_flops(bb: Backbone, counts: dict, image_patches: list[int], gradcache: 
     def fwd(kind):
         return llm_forward_flops(bb, counts.get(kind, 0), counts.get(f"{kind}_attn", 0))
 
-    hf = bb.hf  # transformers 5 renamed the flag (the old name warns); older versions have only the old one
-    recompute = getattr(hf, "is_activation_checkpointing", None)
-    passes = 2 + (1 if (hf.is_gradient_checkpointing if recompute is None else recompute) else 0)
+    passes = 2 + (1 if recompute_enabled(bb.hf) else 0)
     total = passes * (fwd("embed") + fwd("match")) + vision_flops(bb, image_patches)
     if gradcache:  # the embed counts hold the no-grad pass and the re-forward (half each): the no-grad
         total -= (passes - 1) * fwd("embed") / 2  # half runs forward only: (1 + passes) / 2 * fwd("embed")

@@ -159,6 +159,15 @@ def to_meta(batch):
     return tree_map_only(torch.Tensor, lambda t: t.to("meta") if t.is_floating_point() else t, batch)
 
 
+def _tracking(model: torch.nn.Module, batch, meta: bool) -> tuple[LiveBytes, int, int]:
+    """A `LiveBytes` mode holding the model's weights and the batch; (mode, weight bytes, input bytes)."""
+    mode = LiveBytes(meta=meta)
+    mode.track(list(model.parameters()), list(model.buffers()))
+    weights = mode.now
+    mode.track(batch)
+    return mode, weights, mode.now - weights
+
+
 def step_memory(model: torch.nn.Module, batch: dict, step: Callable[[], None], optimizer: torch.optim.Optimizer,
                 meta: bool, target: str = "cuda") -> dict:
     """Peak bytes of `step()` (forward, backward, `optimizer` step) and what is resident around it.
@@ -168,11 +177,7 @@ def step_memory(model: torch.nn.Module, batch: dict, step: Callable[[], None], o
     `inputs`, `optimizer` (its states), `resident` (live after the step), `peak`, and `transient`
     (peak minus resident: activations, gradients, temporaries).
     """
-    mode = LiveBytes(meta=meta)
-    mode.track(list(model.parameters()), list(model.buffers()))
-    weights = mode.now
-    mode.track(batch)
-    inputs = mode.now - weights
+    mode, weights, inputs = _tracking(model, batch, meta)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with mode:
         for p in params:
@@ -195,11 +200,7 @@ def encode_memory(model: torch.nn.Module, batch: dict, sides: list[list[str]], m
     from .evaluation.engine import embed_batch
 
     p = next(model.parameters())
-    mode = LiveBytes(meta=meta)
-    mode.track(list(model.parameters()), list(model.buffers()))
-    weights = mode.now
-    mode.track(batch)
-    inputs = mode.now - weights
+    mode, weights, inputs = _tracking(model, batch, meta)
     with mode, (FusedAttention(target) if meta else nullcontext()):
         mode.reset_peak()
         out = embed_batch(model, batch, sides, p.device, p.dtype, out_device=p.device)

@@ -73,6 +73,12 @@ def enable_recompute(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def recompute_enabled(model: nn.Module) -> bool:
+    """Whether `enable_recompute` is on (the flag's name follows the method's, see there)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(model.is_gradient_checkpointing if flag is None else flag)
+
+
 def resolve_path(path: str) -> str:
     if path.startswith("tiny://"):
         return resolve_tiny(path[len("tiny://"):])
