@@ -172,7 +172,7 @@ def embed_eval(run: LoadedRun, max_queries: int | None = None, subsets: list[str
     Q: dict[int, torch.Tensor] = {}
     D: dict[int, torch.Tensor] = {}
     for batch in dm.val_dataloader():
-        grids = batch["image_grid_thw"].to(dev)
+        grids = batch["image_grid_thw"]  # on the host, where the packing reads it
         feats = m.backbone.encode_images(batch["pixel_values"].to(dev), grids)
         contents = m.contents(batch["items"])
         sides = ["qry", "doc"] if m.fusion.k > 0 and m.fusion.sets != "shared" else ["qry"]

@@ -106,16 +106,17 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
         out = torch.full((len(ids), L), processor.pad_id)
         for j, x in enumerate(ids):
             out[j, : len(x)] = torch.tensor(x)
-        return {"ids": out.to(device), "lengths": torch.tensor([len(x) for x in ids], device=device),
-                "image": torch.tensor(image_idx, device=device)}
+        return {"ids": out, "lengths": torch.tensor([len(x) for x in ids]), "image": torch.tensor(image_idx)}
 
     q = side(["<|image_1|>\nRepresent the given image with the following question: how many red circles are there?"] * B,
              list(range(B)))
     pos = side(["<|image_1|>\nRepresent the given image." if i % 2 else "two red circles and a blue square"
                 for i in range(B)], [B + i if i % 2 else -1 for i in range(B)])
     neg = side(["three blue circles and a red square"] * B, [-1] * B)
+    # as `ReMatchModule.transfer_batch_to_device` leaves a batch: pixels on the device, the packing
+    # metadata (ids, lengths, image indices, grids) on the host
     return {"qry": q, "pos": pos, "neg": neg, "pixel_values": pixels if meta_pixels else pixels.to(device),
-            "image_grid_thw": grids.to(device)}
+            "image_grid_thw": grids}
 
 
 def timeit(fn, device, warmup: int = 2, iters: int = 5) -> float:
@@ -439,6 +440,8 @@ def profile_step(run, device: str, top: int = 12) -> dict:
         "device_busy_s": busy,  # sum of kernel times (overlapping streams counted twice)
         "device_busy_fraction": busy / wall if cuda else float("nan"),
         "phase_s": phases,  # forward phases; on a GPU: device time of their kernels
+        # host time laying out packed inputs (ids, M-RoPE positions, segment ids; `build_inputs`)
+        "pack_host_s": by_key["rematch/pack"].cpu_time_total / 1e6 if "rematch/pack" in by_key else 0.0,
         "aten_ops": sum(e.count for e in ops),
         "kernel_launches": count(lambda k: "LaunchKernel" in k),
         "syncs": count(lambda k: k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")),
@@ -467,7 +470,8 @@ def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int) 
         r = res["runs"][name] = profile_step(run, device)
         busy = f" device busy {r['device_busy_fraction'] * 100:.0f}%" if device == "cuda" else ""
         phases = " ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["phase_s"].items())
-        print(f"{name:22s} step {r['wall_s'] * 1e3:8.1f} ms{busy} | {phases} | aten ops {r['aten_ops']} "
+        print(f"{name:22s} step {r['wall_s'] * 1e3:8.1f} ms{busy} | {phases} | packing (host) "
+              f"{r['pack_host_s'] * 1e3:.0f} ms | aten ops {r['aten_ops']} "
               f"launches {r['kernel_launches']} syncs {r['syncs']} memcpy {r['memcpy_calls']}", flush=True)
         for t in r["top"][:6]:
             print(f"    {t['self_s'] * 1e3:8.1f} ms  {t['count']:6d}x  {t['op']}")

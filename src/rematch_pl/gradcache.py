@@ -75,7 +75,7 @@ def gradcache_step(
     chunks = [list(range(s, min(s + chunk_size, B))) for s in range(0, B, chunk_size)]
     subs = [slice_batch(batch, c) for c in chunks]
     pos_first = model.draw_slots(B)  # one draw for the whole batch, as in the unchunked step
-    device = batch["qry"]["ids"].device
+    device = next(model.parameters()).device
     cuda = device.type == "cuda"
 
     # 1. embeddings without gradients, RNG state saved per chunk

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone.sequence import Ids, Segment, Vecs, n_tokens, segment_span
+from .backbone.sequence import Ids, Segment, Vecs, n_tokens, segment_span, to_device
 
 INSTRUCTION = (
     'Compare the content inside <QUERY> and <DOC>. Determine whether the information in <DOC> is '
@@ -100,7 +100,7 @@ def unified_mask(segment_ids: torch.Tensor, views: list[View], dtype: torch.dtyp
     fully masked). Tokens of different instances never see each other, except the shared P.
     """
     B, L = segment_ids.shape
-    allow_tab = allowed_tags(views).to(segment_ids.device)  # [T, T]
+    allow_tab = to_device(allowed_tags(views), segment_ids.device)  # [T, T]
     pad = segment_ids < 0  # [B, L]
     ids = segment_ids.clamp(min=0)
     tags, slots = ids % allow_tab.shape[0], ids // allow_tab.shape[0]  # [B, L] each

@@ -13,7 +13,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .backbone.model import Backbone
-from .backbone.sequence import Ids, Segment, Vecs, build_inputs, n_tokens
+from .backbone.sequence import Ids, Segment, Vecs, build_inputs, grid_rows, n_tokens, to_device
 from .fusion import MultiTokenFusion
 from .losses import gathered_contrastive_loss, matching_loss, orthogonality_loss
 from .matching import MatchingHead, unified_mask
@@ -108,6 +108,7 @@ class ReMatchModel(nn.Module):
         token states [N, K, d]). Rows are sorted by length and run in buckets (see
         `length_buckets`) so that short text documents are not padded to long image queries.
         """
+        grids = grid_rows(grids)  # host lists, read once
         rows, sides = [], []
         for side, contents in groups:
             rows += [self.embedding_row(c, side) for c in contents]
@@ -126,7 +127,7 @@ class ReMatchModel(nn.Module):
             hidden = bb(packed, attn)  # [n, L, d]
             for side in dict.fromkeys(sides[i] for i in bucket):  # one gather per side in the bucket
                 js = [j for j, i in enumerate(bucket) if sides[i] == side]
-                sel = torch.tensor(js, device=hidden.device)
+                sel = to_device(torch.tensor(js), hidden.device)
                 st = self.fusion.token_states(hidden, packed.lengths, side, sel)  # [n_side, K, d]
                 for j, s in zip(js, st.unbind(0)):
                     states[bucket[j]] = s  # [K, d]
@@ -154,6 +155,7 @@ class ReMatchModel(nn.Module):
     def matching_logits(self, q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids, isolate: int | None = None):
         """Yes/No-position logits [B, V, vocab] of the packed (or one isolated) matching pass."""
         head, bb = self.matching, self.backbone
+        grids = grid_rows(grids)  # host lists, read once
         instances = [head.instance_segments(q_raw[b], zq[b], {1: d1_raw[b], 2: d2_raw[b]}, {1: zd1[b], 2: zd2[b]},
                                             bb.image_token_id, grids, bb.merge, isolate=isolate)
                      for b in range(len(q_raw))]
@@ -165,7 +167,7 @@ class ReMatchModel(nn.Module):
                             views, packed.inputs_embeds.dtype)
         hidden = bb(packed, mask)  # [rows, L, d]
         row, pos = head.answer_positions(packed.vector_index, owners, len(views))  # [B], [B, V]
-        h = hidden[row.to(hidden.device).unsqueeze(1), pos.to(hidden.device)]  # [B, V, d]
+        h = hidden[to_device(row, hidden.device).unsqueeze(1), to_device(pos, hidden.device)]  # [B, V, d]
         return bb.lm_head(h)  # [B, V, vocab]
 
     def draw_slots(self, B: int) -> torch.Tensor:
@@ -190,7 +192,7 @@ class ReMatchModel(nn.Module):
             pos_first = self.draw_slots(B)
         d1_raw = [pos_raw[b] if pos_first[b] else neg_raw[b] for b in range(B)]
         d2_raw = [neg_raw[b] if pos_first[b] else pos_raw[b] for b in range(B)]
-        sel = pos_first.to(zp.device).view(-1, *([1] * (zp.dim() - 1)))
+        sel = to_device(pos_first, zp.device).view(-1, *([1] * (zp.dim() - 1)))
         zd1 = torch.where(sel, zp, zn)
         zd2 = torch.where(sel, zn, zp)
         labels = torch.tensor([[head.yes_id if (v.slot == 1) == bool(pos_first[b]) else head.no_id
@@ -252,7 +254,7 @@ class ReMatchModel(nn.Module):
             mi = self.matching_inputs(q_raw, p_raw, first_neg_raw, eq, ep, first(en) if n_raw else None, q_states,
                                       p_states, first(n_states) if n_raw else None,
                                       pos_first=cache["pos_first"] if cache else None)
-            labels = mi[-1].to(eq.device)
+            labels = to_device(mi[-1], eq.device)
             with record_function("rematch/matching"):
                 logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
             terms["loss_qdm"] = matching_loss(logits, labels)

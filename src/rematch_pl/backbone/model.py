@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .processor import MultimodalProcessor
-from .sequence import Packed
+from .sequence import Packed, to_device
 from .tiny import resolve_tiny
 from .vision_attention import set_grouped_vision_attention
 
@@ -141,11 +141,21 @@ class Backbone(nn.Module):
         return self.hf.lm_head
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Vision tower + merger: one [n_tokens_i, d] tensor per image."""
+        """Vision tower + merger: one [n_tokens_i, d] tensor per image.
+
+        `grid_thw` [n, 3] is best passed on the host: the split into images is read from it
+        there (transformers' `get_image_features` reads it from the device, which waits for the
+        whole vision tower before the host can go on building the step's other inputs).
+        """
         if grid_thw is None or grid_thw.numel() == 0:
             return []
-        out = self.hf.model.get_image_features(pixel_values, grid_thw, return_dict=True)
-        return list(out.pooler_output)
+        visual = self.hf.model.visual
+        dev = pixel_values.device
+        grid_dev = grid_thw if dev.type == "meta" else to_device(grid_thw, dev)  # meta: planning reads the grid
+        out = visual(pixel_values.type(visual.dtype), grid_thw=grid_dev)
+        merged = out.pooler_output if hasattr(out, "pooler_output") else out  # [n_tokens, d]
+        sizes = (grid_thw.cpu().prod(-1) // self.merge**2).tolist()  # no device read for a host grid
+        return list(torch.split(merged, sizes))
 
     def blank_image(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest image the vision tower takes (one merged token): (pixel_values, grid_thw)."""

@@ -23,6 +23,7 @@ import os
 from collections import Counter
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rematch_pl.data.collate import EvalCollator, TrainCollator
@@ -246,10 +247,13 @@ class MMEBDataModule(pl.LightningDataModule):
                           **self._worker_kwargs())
 
     def _worker_kwargs(self) -> dict:
-        """Dataloader workers decode images in parallel; each keeps `prefetch_factor` batches ready."""
+        """Dataloader workers decode images in parallel; each keeps `prefetch_factor` batches ready.
+        On a GPU, batches are pinned (a pin-memory thread), so pixels reach it asynchronously."""
+        pin = {"pin_memory": torch.cuda.is_available()}
         if self.num_workers == 0:
-            return {"num_workers": 0}
-        return {"num_workers": self.num_workers, "persistent_workers": True, "prefetch_factor": self.prefetch_factor}
+            return {"num_workers": 0, **pin}
+        return {"num_workers": self.num_workers, "persistent_workers": True, "prefetch_factor": self.prefetch_factor,
+                **pin}
 
     # ------------------------------------------------------------------ bad-row accounting
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..backbone.sequence import to_device
 from .cache import EmbeddingCache, image_identity, item_key
 
 SIDES = ("qry", "doc")
@@ -196,7 +197,8 @@ def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype, out_d
     for every requested side."""
     grids = batch["image_grid_thw"]
     pv = batch["pixel_values"]
-    feats = model.backbone.encode_images(pv.to(device, dtype), grids.to(device)) if grids.numel() else []
+    # grids stay on the host (the packing reads them there); pixels go in an asynchronous copy
+    feats = model.backbone.encode_images(to_device(pv, device).to(dtype), grids) if grids.numel() else []
     contents = model.contents(batch["items"])
     groups, owners = [], []
     for side in ("qry", "doc", "any"):

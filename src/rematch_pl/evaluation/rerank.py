@@ -54,7 +54,7 @@ def match_probs(model, queries: list[tuple[str, object]], docs: list[tuple[str, 
 
         batch = collate([(i, t, img(im)) for i, (t, im) in enumerate(q + d)])
         grids = batch["image_grid_thw"]
-        feats = (model.backbone.encode_images(batch["pixel_values"].to(device, dtype), grids.to(device))
+        feats = (model.backbone.encode_images(batch["pixel_values"].to(device, dtype), grids)  # grids: host
                  if grids.numel() else [])
         contents = model.contents(batch["items"])
         q_raw, d_raw = contents[:n], contents[n:]
