@@ -14,8 +14,9 @@
    batches of similar lengths (``batch_size`` rows, at most ``max_tokens`` padded tokens);
 4. decodes and processes each image and tokenises each text in DataLoader workers (``num_workers``;
    units, not whole batches, are dealt to the workers, so one batch's images decode in parallel),
-   encodes on the device (bf16 on GPU), writes a cache chunk every ``flush_every`` items
-   (interruptible);
+   encodes on the device (bf16 on GPU) with one batch in flight (batch k's embeddings come back
+   to the host while batch k+1 is loaded, packed and queued), writes a cache chunk every
+   ``flush_every`` items (interruptible);
 5. gathers every rank's new embeddings on rank 0 (in pieces, through the CPU) and returns, on
    rank 0, the float32 embeddings of all requests in order (``None`` on the other ranks).
 
@@ -191,10 +192,11 @@ def collate_units(units: list, processor) -> dict:
 
 # ====================================================================== model call
 @torch.no_grad()
-def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype, out_device="cpu"
-                ) -> list[tuple[int, str, torch.Tensor]]:
+def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype, out_device="cpu",
+                non_blocking: bool = False) -> list[tuple[int, str, torch.Tensor]]:
     """One collated batch -> [(row in batch, side, fused embedding [d], float32 on `out_device`)]
-    for every requested side."""
+    for every requested side. `non_blocking`: the copy to the host is queued, not waited for
+    (the caller synchronises before reading the embeddings; pinned host memory)."""
     grids = batch["image_grid_thw"]
     pv = batch["pixel_values"]
     # grids stay on the host (the packing reads them there); pixels go in an asynchronous copy
@@ -209,7 +211,7 @@ def embed_batch(model, batch: dict, sides: list[list[str]], device, dtype, out_d
     outs = model.embed(groups, feats, grids)
     res = []
     for (side, sel), (fused, _) in zip(owners, outs):
-        fused = fused.float().to(out_device)
+        fused = fused.float().to(out_device, non_blocking=non_blocking)
         res += [(i, side, fused[j]) for j, i in enumerate(sel)]
     return res
 
@@ -332,17 +334,15 @@ class Engine:
         done_jobs: list[int] = []
         done_embs: list[torch.Tensor] = []
         since_flush = 0
-        for b in batches:
-            t0 = time.perf_counter()
-            units = [next(loaded) for _ in b]  # waiting for the workers (input-bound when large)
-            t1 = time.perf_counter()
-            batch = collate_units(units, proc)
-            local = batch["item_index"].tolist()  # the work item of each row
-            b_sides = [sides[i] for i in local]
-            out = embed_batch(self.model, batch, b_sides, self.device, self.dtype)  # ends on the host: synced
-            t2 = time.perf_counter()
-            self.stats["data_wait_s"] += t1 - t0
-            self.stats["model_s"] += t2 - t1
+        cuda = self.device.type == "cuda"
+
+        def store(local: list[int], out: list, copied) -> None:
+            """Cache one batch's embeddings (after their copy to the host has finished)."""
+            nonlocal since_flush
+            if copied is not None:
+                t = time.perf_counter()
+                copied.synchronize()
+                self.stats["model_s"] += time.perf_counter() - t
             new_keys, new_embs = [], []
             for row, side, emb in out:
                 wi = local[row]
@@ -360,6 +360,30 @@ class Engine:
                 since_flush = 0
             if bar is not None:
                 bar.update(min(len(out) * self.world, bar.total - bar.n))
+
+        # One batch in flight: batch k's embeddings come back to the host (asynchronously) while
+        # the host loads, collates and packs batch k+1 and queues it; they are cached after that.
+        pending = None
+        for b in batches:
+            t0 = time.perf_counter()
+            units = [next(loaded) for _ in b]  # waiting for the workers (input-bound when large)
+            t1 = time.perf_counter()
+            batch = collate_units(units, proc)
+            local = batch["item_index"].tolist()  # the work item of each row
+            b_sides = [sides[i] for i in local]
+            out = embed_batch(self.model, batch, b_sides, self.device, self.dtype, non_blocking=cuda)
+            copied = None
+            if cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            t2 = time.perf_counter()
+            self.stats["data_wait_s"] += t1 - t0
+            self.stats["model_s"] += t2 - t1
+            if pending is not None:
+                store(*pending)
+            pending = (local, out, copied)
+        if pending is not None:
+            store(*pending)
         self.cache.flush()
         if bar is not None:
             bar.close()
