@@ -113,7 +113,7 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
     pos = side(["<|image_1|>\nRepresent the given image." if i % 2 else "two red circles and a blue square"
                 for i in range(B)], [B + i if i % 2 else -1 for i in range(B)])
     neg = side(["three blue circles and a red square"] * B, [-1] * B)
-    # as `ReMatchModule.transfer_batch_to_device` leaves a batch: pixels on the device, the packing
+    # as `MMEBDataModule.transfer_batch_to_device` leaves a batch: pixels on the device, the packing
     # metadata (ids, lengths, image indices, grids) on the host
     return {"qry": q, "pos": pos, "neg": neg, "pixel_values": pixels if meta_pixels else pixels.to(device),
             "image_grid_thw": grids}

@@ -14,9 +14,6 @@ from .model import ReMatchModel
 
 log = logging.getLogger(__name__)
 
-# batch entries the model reads on the host (packing metadata); see `transfer_batch_to_device`
-HOST_KEYS = ("qry", "pos", "neg", "items", "image_grid_thw")
-
 
 class ReMatchModule(L.LightningModule):
     def __init__(self, model: ReMatchModel, lr: float = 1e-4, weight_decay: float = 0.0,
@@ -70,18 +67,6 @@ class ReMatchModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ------------------------------------------------------------------ device transfer
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        """Everything but the packing metadata goes to the device. Token ids, lengths, image
-        indices and grids (`HOST_KEYS`) stay on the host, where the model lays out its packed
-        sequences: read from the device they would stall the host at every pass."""
-        if not isinstance(batch, dict):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        host = {k: v for k, v in batch.items() if k in HOST_KEYS}
-        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in HOST_KEYS}, device,
-                                                 dataloader_idx)
-        return {k: host[k] if k in host else moved[k] for k in batch}
 
     # ------------------------------------------------------------------ training
     def _gather(self, x: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,22 @@ def test_dataloader_workers(synthetic_dir, processor):
     assert len(rows) == 24 and len(set(rows)) == 24  # the two workers hold disjoint shards
     seen = Counter(i for b in m.val_dataloader() for i in b["item_index"].tolist())
     assert sorted(seen) == list(range(m.num_eval_items)) and set(seen.values()) == {1}
+
+
+def test_transfer_moves_the_payload_and_keeps_packing_metadata_on_the_host(dm):
+    """A real train batch and a real val batch; `meta` stands for the GPU (no copy of values)."""
+    from rematch_pl.data.collate import HOST_KEYS
+
+    train = next(iter(dm.train_dataloader()))
+    val = next(iter(dm.val_dataloader()))
+    for batch in (train, val):
+        moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+        assert list(moved) == list(batch)
+        assert moved["pixel_values"].is_meta
+        for key in HOST_KEYS:
+            if key in batch:  # the same host tensors: nothing copied, nothing read back from a device
+                assert moved[key] is batch[key]
+                leaves = batch[key].values() if isinstance(batch[key], dict) else [batch[key]]
+                assert all(t is None or t.device.type == "cpu" for t in leaves)
+    assert moved["item_index"].is_meta  # gathered across ranks at the end of validation: on the device
+    assert set(HOST_KEYS) >= {"qry", "pos", "neg", "image_grid_thw"} & set(train)

@@ -24,6 +24,10 @@ Eval batch (`EvalCollator`), from ``(item_index, text, image or None)`` items::
 
     {"items": {"ids", "lengths", "image"}, "pixel_values", "image_grid_thw",
      "item_index": LongTensor[B]}
+
+On a GPU only the payload (pixels, item indices) moves to the device; the packing metadata
+(`HOST_KEYS`: token ids, lengths, image indices, grids) stays on the host, where the model lays
+out its packed sequences (`MMEBDataModule.transfer_batch_to_device`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from collections.abc import Sequence
 import torch
 
 from rematch_pl.backbone.processor import ContentError
+
+HOST_KEYS = ("qry", "pos", "neg", "items", "image_grid_thw")  # batch entries read on the host
 from rematch_pl.data.mmeb import DataError
 
 

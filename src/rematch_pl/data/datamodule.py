@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rematch_pl.data.collate import EvalCollator, TrainCollator
+from rematch_pl.data.collate import HOST_KEYS, EvalCollator, TrainCollator
 from rematch_pl.data.images import load_image, make_processor_safe
 from rematch_pl.data.mmeb import DataError, EvalSet, list_subsets, load_eval_subset, resolve_target_instructions
 from rematch_pl.data.stream import BAD_ROW_POLICIES, TrainStream, resolve_rank_world
@@ -254,6 +254,17 @@ class MMEBDataModule(pl.LightningDataModule):
             return {"num_workers": 0, **pin}
         return {"num_workers": self.num_workers, "persistent_workers": True, "prefetch_factor": self.prefetch_factor,
                 **pin}
+
+    # ------------------------------------------------------------------ device transfer
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """Everything but the packing metadata goes to the device. Token ids, lengths, image
+        indices and grids (`collate.HOST_KEYS`) stay on the host, where the model lays out its
+        packed sequences: read from the device they would stall the host at every pass."""
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in HOST_KEYS}, device,
+                                                 dataloader_idx)
+        return {k: batch[k] if k in HOST_KEYS else moved[k] for k in batch}
 
     # ------------------------------------------------------------------ bad-row accounting
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
