@@ -231,3 +231,25 @@ def test_merged_lora_computes_the_branch_function(dtype):
         err_merged = ((merged - ref).norm() / ref.norm()).item()
         print(f"bf16 relative error to float64: branch {err_branch:.2e}, merged {err_merged:.2e}")
         assert err_merged < 2e-2 and err_merged < 1.5 * err_branch, (err_merged, err_branch)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_vision_tower_is_never_differentiated(kind):
+    """With gradient checkpointing on, transformers makes the patch embeddings require grad; a
+    frozen tower must still run without autograd (its activations not kept, no backward through
+    it), while a trained one (no LoRA: everything trains) keeps its gradients."""
+    from rematch_pl.backbone.model import load_backbone
+
+    for lora, trains_vision in ((True, False), (False, True)):
+        torch.manual_seed(0)
+        bb = load_backbone(f"tiny://{kind}", lora={"r": 4, "alpha": 8, "dropout": 0.0} if lora else None,
+                           gradient_checkpointing=True)
+        model = ReMatchModel(bb, k=2, matching="all").train()
+        tracked = []
+        bb.hf.model.visual.register_forward_hook(
+            lambda mod, args, out: tracked.append(getattr(out, "pooler_output", out).requires_grad))
+        model(triple_batch(bb.processor))["loss"].backward()
+        vision_grads = [p.grad for n, p in bb.named_parameters() if "visual" in n and p.requires_grad]
+        assert tracked == [trains_vision]  # one tower pass per step, on autograd's tape only when it trains
+        assert bool(vision_grads) == trains_vision and all(g is not None for g in vision_grads)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

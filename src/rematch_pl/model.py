@@ -123,8 +123,7 @@ class ReMatchModel(nn.Module):
             packed = build_inputs([rows[i] for i in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
                                   bb.processor.pad_id, bb.merge)
             self._count("embed", packed)
-            attn = (packed.segment_ids >= 0).long()  # [n, L]
-            hidden = bb(packed, attn)  # [n, L, d]
+            hidden = bb(packed, bb.causal_mask(packed))  # [n, L, d]
             for side in dict.fromkeys(sides[i] for i in bucket):  # one gather per side in the bucket
                 js = [j for j, i in enumerate(bucket) if sides[i] == side]
                 sel = to_device(torch.tensor(js), hidden.device)

@@ -7,6 +7,7 @@ Tiny and real checkpoints load through the same `from_pretrained` path; ``tiny:/
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -152,7 +153,12 @@ class Backbone(nn.Module):
         visual = self.hf.model.visual
         dev = pixel_values.device
         grid_dev = grid_thw if dev.type == "meta" else to_device(grid_thw, dev)  # meta: planning reads the grid
-        out = visual(pixel_values.type(visual.dtype), grid_thw=grid_dev)
+        # A frozen tower (LoRA sits in the LLM) runs without autograd: with gradient checkpointing
+        # on, transformers makes the patch embeddings require grad, and the backward pass would
+        # recompute and differentiate the whole tower for no trainable weight.
+        frozen = not any(p.requires_grad for p in visual.parameters())
+        with torch.no_grad() if frozen else nullcontext():
+            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_dev)
         merged = out.pooler_output if hasattr(out, "pooler_output") else out  # [n_tokens, d]
         sizes = (grid_thw.cpu().prod(-1) // self.merge**2).tolist()  # no device read for a host grid
         return list(torch.split(merged, sizes))
@@ -164,14 +170,35 @@ class Backbone(nn.Module):
         w = self.embed_tokens.weight
         pixels = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size**2, device=w.device,
                              dtype=w.dtype)
-        return pixels, torch.tensor([[1, m, m]], device=w.device)
+        return pixels, torch.tensor([[1, m, m]])  # grid on the host, like a batch's
 
-    def forward(self, packed: Packed, attention_mask: torch.Tensor) -> torch.Tensor:
+    def causal_mask(self, packed: Packed) -> torch.Tensor | None:
+        """Attention mask of right-padded rows (an embedding pass), made on the device without
+        reading it back: None when no row is padded (the kernel's own causal mask); else
+        [B, 1, L, L], causal over each row's tokens (bool for SDPA, additive for eager). HF's
+        mask builder would read a [B, L] padding mask back from the device at every pass
+        (`padding_mask.all()`); flash-attention keeps that [B, L] mask (it unpads the rows)."""
+        seg = packed.segment_ids  # [B, L], -1 on padding
+        L = seg.shape[1]
+        if all(n == L for n in packed.host_lengths):
+            return None
+        impl = self.hf.config._attn_implementation
+        if impl == "flash_attention_2":
+            return (seg >= 0).long()
+        causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()  # [L, L]
+        allowed = causal & (seg >= 0)[:, None, None, :]  # [B, 1, L, L]
+        if impl == "sdpa":
+            return allowed
+        dtype = packed.inputs_embeds.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def forward(self, packed: Packed, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Last-layer hidden states [B, L, d] of packed inputs.
 
-        `attention_mask` is either [B, L] (1 = token, causal mask built by HF) or an additive
-        float mask [B, 1, L, L] (0 = attend, -inf = blocked) used as it is. Positions are
-        always the explicit 3-D M-RoPE ids of `packed` (never HF's 1-D fallback).
+        `attention_mask`: None (causal, no padding), [B, L] (1 = token, causal mask built by HF),
+        or [B, 1, L, L] (bool: True = attend; or additive float: 0 = attend, -inf = blocked) used
+        as it is (`causal_mask`, `matching.unified_mask`). Positions are always the explicit 3-D
+        M-RoPE ids of `packed` (never HF's 1-D fallback).
         """
         out = self.hf.model.language_model(
             inputs_embeds=packed.inputs_embeds,
