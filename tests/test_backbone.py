@@ -253,3 +253,26 @@ def test_frozen_vision_tower_is_never_differentiated(kind):
         assert tracked == [trains_vision]  # one tower pass per step, on autograd's tape only when it trains
         assert bool(vision_grads) == trains_vision and all(g is not None for g in vision_grads)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_causal_mask_of_padded_rows_equals_transformers_padding_mask(attn):
+    """`Backbone.causal_mask` (built on the device, never read back) gives the hidden states of
+    HF's own [B, L] padding-mask path on every real token; an unpadded pass needs no mask."""
+    from rematch_pl.backbone.model import load_backbone
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny://qwen2vl", attn_implementation=attn)
+    rows = [[Segment([Ids(list(range(5, 5 + n)))])] for n in (9, 4, 7)]
+    packed = build_inputs(rows, bb.embed_tokens, None, None, bb.image_token_id, bb.processor.pad_id, bb.merge)
+    mask = bb.causal_mask(packed)
+    assert mask.shape == (3, 1, 9, 9) and (mask.dtype == torch.bool) == (attn == "sdpa")
+    with torch.no_grad():
+        ours = bb(packed, mask)
+        ref = bb(packed, (packed.segment_ids >= 0).long())
+    real = packed.segment_ids >= 0
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+    full = build_inputs(rows[:1], bb.embed_tokens, None, None, bb.image_token_id, bb.processor.pad_id, bb.merge)
+    assert bb.causal_mask(full) is None
+    with torch.no_grad():
+        torch.testing.assert_close(bb(full, None)[0], ours[0], atol=1e-5, rtol=1e-5)
