@@ -37,9 +37,9 @@ from collections.abc import Sequence
 import torch
 
 from rematch_pl.backbone.processor import ContentError
+from rematch_pl.data.mmeb import DataError
 
 HOST_KEYS = ("qry", "pos", "neg", "items", "image_grid_thw")  # batch entries read on the host
-from rematch_pl.data.mmeb import DataError
 
 
 def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
