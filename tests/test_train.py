@@ -41,7 +41,7 @@ def test_main_job_learns_and_writes_summary(tmp_path):
     last = sum(r["train/loss_cl"] for r in hist[-10:]) / 10
     assert last < 0.85 * first, (first, last)  # per-batch losses are noisy (mixed subsets): 10-step means
     for key in ("train/loss", "train/loss_orth", "train/loss_qdm", "train/acc_qdm", "train/lr", "perf/samples_per_s",
-                "perf/tokens_per_s"):
+                "perf/tokens_per_s", "perf/host_rss_gb"):
         assert any(key in r for r in hist), key
     assert (run / "adapter" / "rematch_modules.safetensors").exists()
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -54,6 +54,7 @@ def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
     planned = [r for r in read_history(run) if "memory/planned_peak_gib" in r]
     summary = json.loads((run / "summary.json").read_text())
     assert planned[0]["memory/planned_peak_gib"] == summary["memory_plan"]["peak_gib"] > 0
+    assert any(r.get("perf/host_rss_gb", 0) > 0 for r in read_history(run))  # memory creep is visible
     runs = offline_wandb_runs(run)
     assert len(runs) == 1
     cfg = runs[0]["config"]
@@ -61,6 +62,17 @@ def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
     assert cfg["fusion"]["k"] == 16 and cfg["backbone"]["lora"]["r"] == 32
     assert not any("/" in k or "." in k for k in cfg if not k.startswith("_"))
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_host_rss_follows_the_memory_the_process_holds():
+    import torch
+
+    from rematch_pl.module import host_rss_gb
+
+    before = host_rss_gb()
+    held = torch.ones(64 * 2**20)  # 256 MiB, written (resident)
+    assert host_rss_gb() - before > 0.2
+    del held
 
 
 def test_bad_config_fails_at_start_naming_the_key(tmp_path):

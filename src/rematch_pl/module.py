@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import lightning as L
@@ -13,6 +14,16 @@ from .evaluation import evaluate_subset
 from .model import ReMatchModel
 
 log = logging.getLogger(__name__)
+
+
+def host_rss_gb() -> float | None:
+    """This process's resident memory now (GiB; Linux `/proc`), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 class ReMatchModule(L.LightningModule):
@@ -183,8 +194,15 @@ class ReMatchModule(L.LightningModule):
         opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], batch_size=1)
+        # Memory after each step: a rise from step to step (not the run's peak) is a leak or
+        # fragmentation creeping towards an out-of-memory error.
         if torch.cuda.is_available():
-            self.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30, batch_size=1)
+            self.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30, batch_size=1)  # run's peak
+            self.log("perf/mem_allocated_gb", torch.cuda.memory_allocated() / 2**30, batch_size=1)  # held between steps
+            self.log("perf/mem_reserved_gb", torch.cuda.memory_reserved() / 2**30, batch_size=1)  # allocator's cache
+        rss = host_rss_gb()
+        if rss is not None:
+            self.log("perf/host_rss_gb", rss, batch_size=1)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self):
