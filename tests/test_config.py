@@ -147,3 +147,14 @@ def test_hub_backbone_configs_load_through_the_same_path(backbone, tiny_paths):
     bb = build_backbone(cfg.backbone)
     assert next(bb.hf.parameters()).dtype.is_floating_point
     assert bb.processor.pixel_range == (cfg.backbone.min_pixels, cfg.backbone.max_pixels)
+
+
+@pytest.mark.parametrize("dtype,expected", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_datamodule_collates_pixels_in_the_backbones_dtype(dtype, expected, tmp_path):
+    import torch
+
+    from rematch_pl.build import build_datamodule
+
+    cfg = _compose([f"backbone.dtype={dtype}", f"paths.output_root={tmp_path}"])
+    dm = build_datamodule(cfg, processor=None)
+    assert dm.pixel_dtype == getattr(torch, expected)

@@ -27,6 +27,25 @@ def test_length_buckets_split_to_an_agreed_number_of_passes():
             assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
 
 
+def test_bf16_pixels_give_the_bf16_towers_result_bit_for_bit():
+    """Batches carry pixels in the vision tower's dtype (`MMEBDataModule.set_processor`): on a
+    bf16 backbone every loss term equals the one from fp32 pixels exactly."""
+    from rematch_pl.backbone.model import load_backbone
+
+    bb = load_backbone("tiny://qwen2vl", dtype="bf16", lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    torch.manual_seed(0)
+    model = ReMatchModel(bb, k=4).eval()
+    batch = triple_batch(bb.processor)
+    terms = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(1)  # the matching pass draws the order of its documents
+        with torch.no_grad():
+            terms[dtype] = model(dict(batch, pixel_values=batch["pixel_values"].to(dtype)))
+    assert terms[torch.float32].keys() == terms[torch.bfloat16].keys() and "loss_qdm" in terms[torch.float32]
+    for k, v in terms[torch.float32].items():
+        assert torch.equal(v, terms[torch.bfloat16][k]), k
+
+
 def test_bucketed_embedding_equals_one_padded_pass():
     torch.manual_seed(0)
     bb = make_backbone("qwen2vl")

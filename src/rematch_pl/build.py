@@ -56,8 +56,10 @@ def build_module(cfg: DictConfig, model: ReMatchModel, run_dir: Path | None = No
 def build_datamodule(cfg: DictConfig, processor):
     from hydra.utils import instantiate
 
+    from .backbone.model import DTYPES
+
     dm = instantiate(cfg.data, _convert_="all")
-    dm.set_processor(processor)
+    dm.set_processor(processor, pixel_dtype=DTYPES[cfg.backbone.dtype])  # the vision tower's dtype
     return dm
 
 

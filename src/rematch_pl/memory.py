@@ -268,7 +268,7 @@ def _first_batch(cfg, processor, images: str = "as_read") -> dict:
         big = lambda im: None if im is None else _at_max_pixels(im, top)  # noqa: E731
         examples = [dict(ex, qry_image=big(ex["qry_image"]), pos_image=big(ex["pos_image"]),
                          neg_images=[big(im) for im in ex["neg_images"]]) for ex in examples]
-    return TrainCollator(processor, dm.max_length)(examples)
+    return TrainCollator(processor, dm.max_length, dm.pixel_dtype)(examples)
 
 
 def _image_tokens(batch: dict, backbone) -> int:

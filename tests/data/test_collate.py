@@ -30,6 +30,16 @@ def _examples():
     ], bad_rows={"S": {"missing image": 2}})
 
 
+def test_pixels_collated_in_the_vision_towers_dtype(processor):
+    """The tower's own cast, made in the collator: the same values, half the bytes in bf16."""
+    fp32 = TrainCollator(processor, 256)(_examples())
+    bf16 = TrainCollator(processor, 256, torch.bfloat16)(_examples())
+    assert fp32["pixel_values"].dtype == torch.float32 and bf16["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(bf16["pixel_values"], fp32["pixel_values"].to(torch.bfloat16))
+    items = [(0, PH, img()), (1, "text", None)]
+    assert EvalCollator(processor, 64, torch.bfloat16)(items)["pixel_values"].dtype == torch.bfloat16
+
+
 def test_train_batch_format(processor):
     batch = TrainCollator(processor, max_length=256)(_examples())
     assert set(batch) == {"qry", "pos", "neg", "pixel_values", "image_grid_thw", "subset", "row_id", "bad_rows"}

@@ -55,16 +55,18 @@ def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, t
 class _Encoder:
     """Shared part: register images, process them once, encode contents."""
 
-    def __init__(self, processor, max_length: int | None):
+    def __init__(self, processor, max_length: int | None, pixel_dtype: torch.dtype = torch.float32):
         if max_length is not None and int(max_length) < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
         self.processor = processor
         self.max_length = None if max_length is None else int(max_length)
+        # the vision tower's dtype: the cast it makes, made here (half the bytes to share and copy in bf16)
+        self.pixel_dtype = pixel_dtype
 
     def _images(self, images: list):
         batch = self.processor.process_images(images)
         n_tokens = [self.processor.num_image_tokens(g) for g in batch.grid_thw]
-        return batch, n_tokens
+        return type(batch)(batch.pixel_values.to(self.pixel_dtype), batch.grid_thw), n_tokens
 
     def _side(self, contents: list[tuple[str, int]], n_tokens: list[int], where) -> dict:
         """contents: [(text, image index or -1)] -> {"ids", "lengths", "image"}."""

@@ -125,6 +125,7 @@ class MMEBDataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.on_bad_row, self.seed, self.shuffle_buffer = on_bad_row, int(seed), shuffle_buffer
         self.processor = processor
+        self.pixel_dtype = torch.float32  # set_processor
         self.eval_sets: dict[str, EvalSet] = {}
         self.eval_layout: dict[str, dict] = {}
         self.eval_items: list[tuple[str, str | None]] = []
@@ -152,9 +153,13 @@ class MMEBDataModule(pl.LightningDataModule):
             e["path"] = paths["eval"]
             e["image_root"] = e["image_root"] or paths["eval_images"]
 
-    def set_processor(self, processor) -> None:
-        """The backbone's `MultimodalProcessor` (the data cannot be tokenised without it)."""
+    def set_processor(self, processor, pixel_dtype: torch.dtype = torch.float32) -> None:
+        """The backbone's `MultimodalProcessor` (the data cannot be tokenised without it), and the
+        dtype of its vision tower: batches carry their pixels in it (the tower's own cast, made
+        in the DataLoader workers: bf16 halves the bytes shared between processes and copied to
+        the device, and changes no result)."""
         self.processor = processor
+        self.pixel_dtype = pixel_dtype
 
     def _require_processor(self):
         if self.processor is None:
@@ -230,7 +235,7 @@ class MMEBDataModule(pl.LightningDataModule):
         self._resume_skip = int(state.get("train_batches_consumed", 0))
 
     def train_dataloader(self) -> DataLoader:
-        collate = TrainCollator(self._require_processor(), self.max_length)
+        collate = TrainCollator(self._require_processor(), self.max_length, self.pixel_dtype)
         stream = self.train_stream()
         stream.skip_batches = getattr(self, "_resume_skip", 0)
         return DataLoader(stream, batch_size=None, collate_fn=collate, **self._worker_kwargs())
@@ -243,7 +248,7 @@ class MMEBDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         dataset = EvalItems(self.eval_items, rank, world)
         return DataLoader(dataset, batch_size=self.eval_batch_size,
-                          collate_fn=EvalCollator(self._require_processor(), self.max_length),
+                          collate_fn=EvalCollator(self._require_processor(), self.max_length, self.pixel_dtype),
                           **self._worker_kwargs())
 
     def _worker_kwargs(self) -> dict:
