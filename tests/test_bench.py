@@ -94,3 +94,14 @@ def test_memory_suite_plans_every_variant_and_searches_within_the_budget(tmp_pat
                        if (v, gc) == (s["variant"], s["gradcache_chunk"]) and B > best)
     full = next(s for s in res["largest_batch"] if s["variant"] == "rematch" and s["gradcache_chunk"] is None)
     assert not full["limit_reached"]
+
+
+def test_memory_suite_plans_the_lora_branch_it_is_given():
+    """`--lora-compute fp32` (PEFT's fp32 LoRA branch) is planned, not ignored: on a bf16 backbone
+    its fp32 copies of the LoRA inputs raise the planned activations above the bf16 branch's."""
+    def transient(*extra: str) -> float:
+        res = main(["--suite", "memory", "--batches", "4", "--dtype", "bf16", *extra])
+        assert res["lora_compute"] == (extra[-1] if extra else "backbone")
+        return next(r["transient_gib"] for r in res["runs"] if r["variant"] == "rematch")
+
+    assert transient("--lora-compute", "fp32") > transient()

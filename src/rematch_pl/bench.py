@@ -523,7 +523,8 @@ def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0) -> dict:
 
 
 def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gpu_gib: float, reserve_gib: float,
-                 search_limit: int = 0, dtype: str = "bf16", target: str = "cuda") -> dict:
+                 search_limit: int = 0, dtype: str = "bf16", target: str = "cuda",
+                 lora_compute: str = "backbone") -> dict:
     """Predicted peak memory of one training step of each variant, no device needed.
 
     The real-size model is built on meta and the step runs there (`memory.step_memory`): the
@@ -531,14 +532,17 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
     checkpointing, AdamW states and (with `chunk`) GradCache, exactly as `--suite train` runs it.
     A batch fits when its peak is at most `gpu_gib - reserve_gib` (the reserve is for the CUDA
     context, kernel workspaces and fragmentation). `search_limit` > 0: also the largest batch
-    that fits for the baseline and full ReMatch, with and without GradCache.
+    that fits for the baseline and full ReMatch, with and without GradCache. `lora_compute`:
+    the LoRA branch's dtype (`backbone.lora.compute_dtype`).
     """
     from .memory import GiB, meta_copy, plan_step
 
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
+    bb = (shaped_backbone(shape, "meta", dtype, lora_compute=lora_compute) if shape != "tiny"
+          else meta_copy(shaped_backbone("tiny", "cpu", dtype, lora_compute=lora_compute)))
     budget = gpu_gib - reserve_gib
-    res = {"shape": shape, "dtype": dtype, "target": target, "image_size": image_size, "gpu_gib": gpu_gib,
+    res = {"shape": shape, "dtype": dtype, "lora_compute": lora_compute, "target": target, "image_size": image_size,
+           "gpu_gib": gpu_gib,
            "reserve_gib": reserve_gib, "runs": [], "largest_batch": []}
     seen: dict[tuple, dict] = {}
 
@@ -559,7 +563,8 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
                 f"{r['weights_gib']:6.2f}  optimizer {r['optimizer_gib']:5.2f}  activations+grads "
                 f"{r['transient_gib']:6.2f}  peak {r['peak_gib']:6.2f} GiB  {'fits' if r['fits'] else 'DOES NOT FIT'}")
 
-    print(f"\nbench memory: Qwen2-VL-{shape} shape, {dtype} weights, {image_size} px images, predicted for "
+    print(f"\nbench memory: Qwen2-VL-{shape} shape, {dtype} weights, LoRA branch {lora_compute}, {image_size} px "
+          f"images, predicted for "
           f"{target} (budget {gpu_gib:g} - {reserve_gib:g} GiB reserve = {budget:g} GiB)", flush=True)
     for B in batches:
         for name in VARIANTS:
@@ -628,7 +633,7 @@ def main(argv=None) -> dict:
                     help="--suite memory: kept free for the CUDA context, workspaces, fragmentation")
     ap.add_argument("--search", type=int, default=0, help="--suite memory: also search the largest batch up to this")
     ap.add_argument("--lora-compute", choices=["backbone", "fp32"], default="backbone",
-                    help="--suite train: LoRA branch in bf16 (default) or PEFT's fp32 (backbone.lora.compute_dtype)")
+                    help="--suite train/memory: LoRA branch in bf16 (default) or PEFT's fp32 (backbone.lora.compute_dtype)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
@@ -644,7 +649,7 @@ def main(argv=None) -> dict:
     elif a.suite == "memory":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         res = suite_memory(a.shape, image_size, batches, a.chunk, a.gpu_gib, a.reserve_gib, a.search,
-                           a.dtype or "bf16")
+                           a.dtype or "bf16", lora_compute=a.lora_compute)
     elif a.suite == "profile":
         print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
         res = suite_profile(a.shape, a.device, dtype, a.batch, image_size)
