@@ -82,11 +82,13 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
     return Backbone(model, proc, name=f"qwen2vl_{shape}_random")
 
 
-def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_pixels: bool = False) -> dict:
+def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_pixels: bool = False,
+               pixel_dtype: torch.dtype = torch.float32) -> dict:
     """B (query, positive, negative) triples, MMEB-like: image+instruction queries, text or image docs.
 
     `meta_pixels`: the pixels are a meta tensor of the right shape (memory planning: one image is
-    processed for its grid, the 2B images' pixel values are never made).
+    processed for its grid, the 2B images' pixel values are never made). `pixel_dtype`: the
+    vision tower's, as the datamodule collates them (`pixel_dtype_of`).
     """
     from PIL import Image
 
@@ -94,7 +96,7 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
     imgs = [Image.fromarray((torch.rand(image_size, image_size, 3, generator=g) * 255).byte().numpy())
             for _ in range(1 if meta_pixels else 2 * B)]
     ib = processor.process_images(imgs)
-    grids, pixels = ib.grid_thw, ib.pixel_values
+    grids, pixels = ib.grid_thw, ib.pixel_values.to(pixel_dtype)
     if meta_pixels:  # [patches, dim] of one image -> [2B * patches, dim] on meta
         grids = grids.repeat(2 * B, 1)
         pixels = torch.empty(2 * B * pixels.shape[0], pixels.shape[1], dtype=pixels.dtype, device="meta")
@@ -119,6 +121,11 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
             "image_grid_thw": grids}
 
 
+def pixel_dtype_of(bb: Backbone) -> torch.dtype:
+    """The dtype a batch's pixels have for `bb` (its vision tower's, see `MMEBDataModule.set_processor`)."""
+    return next(bb.hf.model.visual.parameters()).dtype
+
+
 def timeit(fn, device, warmup: int = 2, iters: int = 5) -> float:
     for _ in range(warmup):
         fn()
@@ -137,7 +144,7 @@ def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int,
     bb = shaped_backbone(shape, device, dtype)
     full = ReMatchModel(bb, k=16, matching="all", template="chat").to(device)
     base = ReMatchModel(bb, k=0, matching="none", template="plain").to(device)
-    batch = make_batch(bb.processor, B, image_size, device)
+    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "dtype": dtype, "batch": B, "image_size": image_size}
 
@@ -263,7 +270,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "runs": []}
     for B in batches:
-        batch = make_batch(bb.processor, B, image_size, device)
+        batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
         for name, kw in VARIANTS.items():
             for gc in ([None, chunk] if chunk and B > chunk else [None]):
                 if gc is not None and name not in ("baseline", "rematch"):
@@ -355,7 +362,7 @@ def suite_max_batch(shape: str, device: str, dtype: str, image_size: int, chunk:
             def fits(B: int, model=model, gc=gc) -> bool:
                 batch = None
                 try:
-                    batch = make_batch(bb.processor, B, image_size, device)
+                    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
                     if gc is None or B <= gc:
                         model(batch)["loss"].backward()
                     else:
@@ -455,7 +462,7 @@ def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int) 
     """`profile_step` of one training step of each variant in `VARIANTS` on the same batch."""
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype)
-    batch = make_batch(bb.processor, B, image_size, device)
+    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "batch": B, "image_size": image_size, "runs": {}}
     for name, kw in VARIANTS.items():
@@ -550,7 +557,7 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
         if (name, B, gc) in seen:
             return seen[name, B, gc]
         model = meta_copy(ReMatchModel(bb, **VARIANTS[name]).train())
-        batch = make_batch(bb.processor, B, image_size, "cpu", meta_pixels=True)
+        batch = make_batch(bb.processor, B, image_size, "cpu", meta_pixels=True, pixel_dtype=pixel_dtype_of(bb))
         t = time.perf_counter()
         r = {k: v / GiB for k, v in plan_step(model, batch, gc, target).items()}
         row = seen[name, B, gc] = {"variant": name, "batch": B, "gradcache_chunk": gc,
