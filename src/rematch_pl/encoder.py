@@ -309,7 +309,7 @@ class Encoder:
 
         s = model_side(self.model, s)
         batch_size = batch_size or 16
-        collate = EvalCollator(self.processor, self.spec.max_length)
+        collate = EvalCollator(self.processor, self.spec.max_length, pixel_dtype=self.dtype)
         out = []
         for b0 in range(0, len(contents), batch_size):
             chunk = contents[b0:b0 + batch_size]

@@ -37,7 +37,7 @@ def match_probs(model, queries: list[tuple[str, object]], docs: list[tuple[str, 
         raise ValueError(f"{len(queries)} queries but {len(docs)} documents")
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
-    collate = EvalCollator(model.backbone.processor, max_length)
+    collate = EvalCollator(model.backbone.processor, max_length, pixel_dtype=dtype)
     out = []
     for s in range(0, len(queries), batch_size):
         q, d = queries[s:s + batch_size], docs[s:s + batch_size]
