@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinyutil import KINDS
-from rematch_pl.backbone.vision_attention import runs_of, set_grouped_vision_attention
+from rematch_pl.backbone.vision_attention import runs_of, set_grouped_vision_attention, vision_geometry
 
 
 class _CountOps(TorchDispatchMode):
@@ -49,6 +49,28 @@ def test_grouped_vision_attention_equals_per_image_attention(backbones, kind):
     assert [x.shape for x in grouped] == [x.shape for x in reference]
     for a, b in zip(grouped, reference):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_geometry_equals_the_towers_own(backbones, kind):
+    """Position ids, segments and (Qwen2.5-VL) windows computed on the host and passed in give
+    the tower's output from the grid alone, bit for bit, with and without grouped attention."""
+    bb = backbones[kind]
+    visual = bb.hf.model.visual
+    pv, grid = _pixels(bb, GRIDS)
+    geometry = vision_geometry(visual, grid, pv.device)
+    expected = {"position_ids", "cu_seqlens", "max_seqlen"} | (
+        {"window_index", "cu_window_seqlens", "max_window_seqlen"} if kind == "qwen25vl" else set())
+    assert set(geometry) == expected
+    try:
+        for grouped in (True, False):
+            set_grouped_vision_attention(bb.hf, grouped)
+            with torch.no_grad():
+                own = visual(pv, grid_thw=grid).pooler_output
+                given = visual(pv, grid_thw=grid, **vision_geometry(visual, grid, pv.device)).pooler_output
+            assert torch.equal(own, given)
+    finally:
+        set_grouped_vision_attention(bb.hf, True)
 
 
 def test_one_sdpa_call_per_run_of_equal_images(backbones):

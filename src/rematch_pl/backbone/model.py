@@ -16,7 +16,7 @@ from torch import nn
 from .processor import MultimodalProcessor
 from .sequence import Packed, to_device
 from .tiny import resolve_tiny
-from .vision_attention import set_grouped_vision_attention
+from .vision_attention import set_grouped_vision_attention, vision_geometry
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +144,23 @@ class Backbone(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Vision tower + merger: one [n_tokens_i, d] tensor per image.
 
-        `grid_thw` [n, 3] is best passed on the host: the split into images is read from it
-        there (transformers' `get_image_features` reads it from the device, which waits for the
-        whole vision tower before the host can go on building the step's other inputs).
+        `grid_thw` [n, 3] is best passed on the host: the tower's position ids and segments are
+        computed from it there (`vision_geometry`) and the split into images is read from it
+        (transformers' `get_image_features` reads the grid from the device at the tower's start
+        and after it, which waits for the device before the host can build the step's other inputs).
         """
         if grid_thw is None or grid_thw.numel() == 0:
             return []
         visual = self.hf.model.visual
         dev = pixel_values.device
-        grid_dev = grid_thw if dev.type == "meta" else to_device(grid_thw, dev)  # meta: planning reads the grid
+        geometry = vision_geometry(visual, grid_thw, dev)  # positions and segments from the host grid
+        grid = grid_thw if geometry or dev.type == "meta" else to_device(grid_thw, dev)
         # A frozen tower (LoRA sits in the LLM) runs without autograd: with gradient checkpointing
         # on, transformers makes the patch embeddings require grad, and the backward pass would
         # recompute and differentiate the whole tower for no trainable weight.
         frozen = not any(p.requires_grad for p in visual.parameters())
         with torch.no_grad() if frozen else nullcontext():
-            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_dev)
+            out = visual(pixel_values.type(visual.dtype), grid_thw=grid, **geometry)
         merged = out.pooler_output if hasattr(out, "pooler_output") else out  # [n_tokens, d]
         sizes = (grid_thw.cpu().prod(-1) // self.merge**2).tolist()  # no device read for a host grid
         return list(torch.split(merged, sizes))

@@ -34,7 +34,11 @@ def runs_of(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
     hit = _PLANS.get(id(cu_seqlens))
     if hit is not None and hit[0] is cu_seqlens:
         return hit[1]
-    bounds = cu_seqlens.tolist()  # the one host read for this tensor
+    return plan_runs(cu_seqlens, cu_seqlens.tolist())  # the one host read for this tensor
+
+
+def plan_runs(cu_seqlens: torch.Tensor, bounds: list[int]) -> list[tuple[int, int, int]]:
+    """Remember the runs of `cu_seqlens` (any device) from its values `bounds` known on the host."""
     runs: list[tuple[int, int, int]] = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         n = b - a
@@ -49,6 +53,40 @@ def runs_of(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[id(cu_seqlens)] = (cu_seqlens, runs)
     return runs
+
+
+def vision_geometry(visual: nn.Module, grid_thw: torch.Tensor, device: torch.device) -> dict:
+    """The vision tower's packing inputs computed from a host grid [n, 3] and sent to `device` in
+    asynchronous copies, as keyword arguments its forward takes instead of deriving them from
+    the grid itself (transformers' `vision_utils` helpers, run here on the host): rotary position
+    ids, `cu_seqlens` (Qwen2.5-VL: also its windows) and their longest segment (flash-attention).
+    Given a device grid, the tower reads it back at its start and launches a few small kernels
+    per image; with these it never reads the device. Grouped attention learns each `cu_seqlens`'s
+    runs from the host copy. Returns {} where this transformers lacks the helpers."""
+    try:
+        from transformers.vision_utils import (get_max_seqlen, get_vision_attention_seqlens,
+                                               get_vision_position_ids, get_vision_window_index)
+    except ImportError:  # older transformers: the tower derives them from the grid
+        return {}
+    from .sequence import to_device
+
+    grid = grid_thw.cpu()
+    merge = visual.spatial_merge_size
+    cu, max_len = get_vision_attention_seqlens(grid, visual.config)
+    out = {"position_ids": get_vision_position_ids(grid, merge), "cu_seqlens": cu, "max_seqlen": max_len}
+    if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: window attention on the other layers
+        index, cu_win = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
+        out.update(window_index=index, cu_window_seqlens=cu_win,
+                   max_window_seqlen=get_max_seqlen(cu_win, visual.config))
+    # compact storages (`unique_consecutive` leaves cu_window_seqlens in an oversize one): the
+    # plans below keep their tensors alive, and a device copy is compact anyway
+    host = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone()
+            for k, v in out.items() if isinstance(v, torch.Tensor)}
+    out.update({k: to_device(v, device) for k, v in host.items()})
+    for k in ("cu_seqlens", "cu_window_seqlens"):
+        if k in out:
+            plan_runs(out[k], host[k].tolist())
+    return out
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]],
