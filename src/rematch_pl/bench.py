@@ -88,7 +88,7 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
 
     `meta_pixels`: the pixels are a meta tensor of the right shape (memory planning: one image is
     processed for its grid, the 2B images' pixel values are never made). `pixel_dtype`: the
-    vision tower's, as the datamodule collates them (`pixel_dtype_of`).
+    vision tower's, as the datamodule collates them (`Backbone.pixel_dtype`).
     """
     from PIL import Image
 
@@ -121,11 +121,6 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
             "image_grid_thw": grids}
 
 
-def pixel_dtype_of(bb: Backbone) -> torch.dtype:
-    """The dtype a batch's pixels have for `bb` (its vision tower's, see `MMEBDataModule.set_processor`)."""
-    return next(bb.hf.model.visual.parameters()).dtype
-
-
 def timeit(fn, device, warmup: int = 2, iters: int = 5) -> float:
     for _ in range(warmup):
         fn()
@@ -144,7 +139,7 @@ def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int,
     bb = shaped_backbone(shape, device, dtype)
     full = ReMatchModel(bb, k=16, matching="all", template="chat").to(device)
     base = ReMatchModel(bb, k=0, matching="none", template="plain").to(device)
-    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
+    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "dtype": dtype, "batch": B, "image_size": image_size}
 
@@ -270,7 +265,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "runs": []}
     for B in batches:
-        batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
+        batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
         for name, kw in VARIANTS.items():
             for gc in ([None, chunk] if chunk and B > chunk else [None]):
                 if gc is not None and name not in ("baseline", "rematch"):
@@ -362,7 +357,7 @@ def suite_max_batch(shape: str, device: str, dtype: str, image_size: int, chunk:
             def fits(B: int, model=model, gc=gc) -> bool:
                 batch = None
                 try:
-                    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
+                    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
                     if gc is None or B <= gc:
                         model(batch)["loss"].backward()
                     else:
@@ -462,7 +457,7 @@ def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int) 
     """`profile_step` of one training step of each variant in `VARIANTS` on the same batch."""
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype)
-    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=pixel_dtype_of(bb))
+    batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "batch": B, "image_size": image_size, "runs": {}}
     for name, kw in VARIANTS.items():
@@ -549,15 +544,14 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
           else meta_copy(shaped_backbone("tiny", "cpu", dtype, lora_compute=lora_compute)))
     budget = gpu_gib - reserve_gib
     res = {"shape": shape, "dtype": dtype, "lora_compute": lora_compute, "target": target, "image_size": image_size,
-           "gpu_gib": gpu_gib,
-           "reserve_gib": reserve_gib, "runs": [], "largest_batch": []}
+           "gpu_gib": gpu_gib, "reserve_gib": reserve_gib, "runs": [], "largest_batch": []}
     seen: dict[tuple, dict] = {}
 
     def predict(name: str, B: int, gc: int | None) -> dict:
         if (name, B, gc) in seen:
             return seen[name, B, gc]
         model = meta_copy(ReMatchModel(bb, **VARIANTS[name]).train())
-        batch = make_batch(bb.processor, B, image_size, "cpu", meta_pixels=True, pixel_dtype=pixel_dtype_of(bb))
+        batch = make_batch(bb.processor, B, image_size, "cpu", meta_pixels=True, pixel_dtype=bb.pixel_dtype)
         t = time.perf_counter()
         r = {k: v / GiB for k, v in plan_step(model, batch, gc, target).items()}
         row = seen[name, B, gc] = {"variant": name, "batch": B, "gradcache_chunk": gc,
@@ -571,8 +565,7 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
                 f"{r['transient_gib']:6.2f}  peak {r['peak_gib']:6.2f} GiB  {'fits' if r['fits'] else 'DOES NOT FIT'}")
 
     print(f"\nbench memory: Qwen2-VL-{shape} shape, {dtype} weights, LoRA branch {lora_compute}, {image_size} px "
-          f"images, predicted for "
-          f"{target} (budget {gpu_gib:g} - {reserve_gib:g} GiB reserve = {budget:g} GiB)", flush=True)
+          f"images, predicted for {target} (budget {gpu_gib:g} - {reserve_gib:g} GiB reserve = {budget:g} GiB)", flush=True)
     for B in batches:
         for name in VARIANTS:
             for gc in ([None, chunk] if chunk and B > chunk else [None]):

@@ -141,6 +141,11 @@ class Backbone(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.hf.lm_head
 
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        """The vision tower's dtype: pixels are cast to it (batches are collated in it)."""
+        return self.hf.model.visual.dtype
+
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Vision tower + merger: one [n_tokens_i, d] tensor per image.
 
@@ -160,7 +165,7 @@ class Backbone(nn.Module):
         # recompute and differentiate the whole tower for no trainable weight.
         frozen = not any(p.requires_grad for p in visual.parameters())
         with torch.no_grad() if frozen else nullcontext():
-            out = visual(pixel_values.type(visual.dtype), grid_thw=grid, **geometry)
+            out = visual(pixel_values.type(self.pixel_dtype), grid_thw=grid, **geometry)
         merged = out.pooler_output if hasattr(out, "pooler_output") else out  # [n_tokens, d]
         sizes = (grid_thw.cpu().prod(-1) // self.merge**2).tolist()  # no device read for a host grid
         return list(torch.split(merged, sizes))
