@@ -5,20 +5,41 @@
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+LOG="$OUT/log.txt"  # every part's output in one file (the device tool returns at most 8 files)
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    && touch /tmp/site/.installed
 fi
+[ -e /tmp/site/.installed ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export REMATCH_CACHE=${REMATCH_CACHE:-/tmp/rematch_cache}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-run() { local name=$1; shift; echo "== $name: $*"; timeout "${STEP_TIMEOUT:-170}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$LOG"
+run() {
+  local name=$1; shift
+  echo "== $name: $* ($(date +%T))" | tee -a "$LOG"
+  local t0=$SECONDS limit=${STEP_TIMEOUT:-170}
+  if [ -n "${BUDGET_S:-}" ]; then  # the whole script ends within BUDGET_S seconds: a part gets what is left
+    local left=$((BUDGET_S - SECONDS)); [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 30 ]; then echo "== $name: skipped (budget spent)" | tee -a "$LOG"; return; fi
+  fi
+  timeout "$limit" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee -a "$LOG"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+# BUDGET_S (optional): the whole script ends within this many seconds; STEP_TIMEOUT: one part's limit.
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
-# train_2b also checks the planned peaks of `bench --suite memory` (README) against max_memory_allocated.
-SUITES=${SUITES:-train_2b encode_2b profile_2b strategies train_7b vision_2b max_batch_2b train_2b_lora_fp32 matching_2b encode_2b_rows64 encode_2b_lora_separate}
+# The planned peaks of `bench --suite memory` (README) are checked against the `peak` column of train_2b_*.
+SUITES=${SUITES:-train_2b_b16 train_2b_b128 train_2b_b128_nogc encode_2b profile_2b train_7b train_2b_lora_fp32 strategies vision_2b max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
 for suite in $SUITES; do
   case $suite in
+    train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
+      --out "$OUT/train_2b_b16.json" ;;
+    train_2b_b128) run train_2b_b128 rematch_pl.bench --suite train --shape 2b --batches 128 --chunk 16 --gradcache on \
+      --variants baseline,rematch --iters 1 --out "$OUT/train_2b_b128.json" ;;
+    train_2b_b128_nogc) run train_2b_b128_nogc rematch_pl.bench --suite train --shape 2b --batches 128 --chunk 0 --iters 1 \
+      --out "$OUT/train_2b_b128_nogc.json" ;;
+    profile_2b_main) run profile_2b_main rematch_pl.bench --suite profile --shape 2b --batch 16 --variants baseline,rematch \
+      --out "$OUT/profile_2b_main.json" ;;
     profile_2b) run profile_2b rematch_pl.bench --suite profile --shape 2b --batch 16 --out "$OUT/profile_2b.json" ;;
     vision_2b) run vision_2b rematch_pl.bench --suite vision --shape 2b --batch 32 --iters 3 --out "$OUT/vision_2b.json" ;;
     encode_2b) run encode_2b rematch_pl.eval_bench ${EVAL_BENCH_ARGS:---suite encode --shape 2b --out "$OUT/encode_2b.json"} ;;
@@ -26,24 +47,21 @@ for suite in $SUITES; do
       --out "$OUT/encode_2b_lora_separate.json" ;;
     encode_2b_rows64) run encode_2b_rows64 rematch_pl.eval_bench --suite encode --shape 2b --batch 64 --max-tokens 0 \
       --out "$OUT/encode_2b_rows64.json" ;;
-    train_2b) run train_2b rematch_pl.bench --suite train --shape 2b --batches 16,128 --chunk 16 --iters 2 --out "$OUT/train_2b.json" ;;
     train_2b_lora_fp32) run train_2b_lora_fp32 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
-      --lora-compute fp32 --out "$OUT/train_2b_lora_fp32.json" ;;
+      --variants baseline,rematch --lora-compute fp32 --out "$OUT/train_2b_lora_fp32.json" ;;
     max_batch_2b) run max_batch_2b rematch_pl.bench --suite max_batch --shape 2b --chunk 16 --start 16 --limit 256 \
       --out "$OUT/max_batch_2b.json" ;;
-    train_7b) run train_7b rematch_pl.bench --suite train --shape 7b --batches 16 --chunk 8 --iters 2 --out "$OUT/train_7b.json" ;;
+    train_7b) run train_7b rematch_pl.bench --suite train --shape 7b --batches 16 --chunk 0 --variants baseline,rematch \
+      --iters 1 --out "$OUT/train_7b.json" ;;
     matching_2b) run matching_2b rematch_pl.bench --suite matching --shape 2b --batch 8 --iters 3 --out "$OUT/matching_2b.json" ;;
     strategies)
-      # Strategies through the real entry point on the tiny backbone (needs hydra, lightning, datasets on the machine).
-      if python3 -c "import hydra, lightning, datasets" 2>/dev/null; then
-        for s in fsdp deepspeed_zero2 deepspeed_zero3; do
-          run "strategy_$s" rematch_pl.train debug=fast logger=csv trainer.accelerator=gpu trainer.devices=1 \
-            trainer.precision=bf16-mixed strategy=$s train.gradcache.chunk_size=4 data.batch_size=8 \
-            "hydra.run.dir=$OUT/runs/$s"
-        done
-      else
-        echo "== strategies: skipped (hydra, lightning or datasets missing)"
-      fi ;;
-    *) echo "unknown suite $suite" >&2 ;;
+      # Strategies through the real entry point on the tiny backbone (needs hydra, lightning, datasets, deepspeed:
+      # carried as wheels in .whl/). Run folders go to /tmp (checkpoints are not brought back).
+      for s in ${STRATEGIES:-fsdp deepspeed_zero2 deepspeed_zero3}; do
+        run "strategy_$s" rematch_pl.train debug=fast logger=csv trainer.accelerator=gpu trainer.devices=1 \
+          trainer.precision=bf16-mixed backbone.dtype=bf16 strategy=$s train.gradcache.chunk_size=4 data.batch_size=8 \
+          "hydra.run.dir=/tmp/runs/$s"
+      done ;;
+    *) echo "unknown suite $suite" | tee -a "$LOG" >&2 ;;
   esac
 done

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rematch_pl.bench import largest_batch, main
+from rematch_pl.bench import device_busy_s, largest_batch, main, suite_train
 
 
 @pytest.mark.parametrize("capacity", [0, 1, 7, 8, 9, 100, 511, 512, 1000])
@@ -36,6 +36,34 @@ def test_train_and_max_batch_suites_write_json(tmp_path):
     res = main(["--suite", "max_batch", "--start", "2", "--limit", "4", "--chunk", "2", "--out", str(tmp_path / "m.json")])
     assert [(r["variant"], r["gradcache_chunk"], r["max_batch"]) for r in res["runs"]] == [
         ("baseline", None, 4), ("baseline", 2, 4), ("rematch", None, 4), ("rematch", 2, 4)]  # CPU: bounded by --limit
+
+
+def test_train_suite_runs_the_chosen_variants_and_gradcache_setting():
+    """`--variants` and `--gradcache on` (the GPU script's 128-triple run): only those runs, and
+    full ReMatch's ratio is to the baseline with the same GradCache chunks."""
+    res = main(["--suite", "train", "--batches", "2,4", "--chunk", "2", "--iters", "1", "--variants",
+                "baseline,rematch", "--gradcache", "on"])
+    got = [(r["variant"], r["batch"], r["gradcache_chunk"]) for r in res["runs"]]
+    assert got == [("baseline", 2, None), ("rematch", 2, None), ("baseline", 4, 2), ("rematch", 4, 2)]
+    by = {(r["variant"], r["batch"]): r for r in res["runs"]}
+    assert by[("rematch", 4)]["ratio_to_baseline"] == pytest.approx(by[("rematch", 4)]["step_s"] / by[("baseline", 4)]["step_s"])
+    with pytest.raises(SystemExit):
+        main(["--suite", "train", "--batches", "2", "--variants", "rematch,nope"])
+    with pytest.raises(ValueError, match="unknown variant"):
+        suite_train("tiny", "cpu", "fp32", [2], 112, 1, 0, variants=["nope"])
+
+
+def test_device_busy_counts_each_kernel_once():
+    """Host ops carry their kernels' time as self device time; only the device events count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    ev = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=300.0),  # aten::mm
+          SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=300.0),  # its kernel
+          SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=200.0),  # a copy
+          SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0)]
+    assert device_busy_s(ev) == pytest.approx(500e-6)
 
 
 def test_gpu_suite_refuses_a_cpu_clearly():

@@ -255,8 +255,19 @@ VARIANTS = {
 
 
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
-                chunk: int, lora_compute: str = "backbone") -> dict:
-    """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache."""
+                chunk: int, lora_compute: str = "backbone", variants: list[str] | None = None,
+                gradcache: str = "both") -> dict:
+    """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache.
+
+    `variants`: the `VARIANTS` to run (default all). `gradcache` (batches above `chunk`, baseline
+    and full ReMatch): ``both`` runs each with and without GradCache, ``on`` only with, ``off``
+    only without. A variant's ratio is to the baseline at the same batch and GradCache setting.
+    """
+    unknown = sorted(set(variants or ()) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}: choose from {sorted(VARIANTS)}")
+    if gradcache not in ("both", "on", "off"):
+        raise ValueError(f"gradcache={gradcache!r}: choose both, on or off")
     from .gradcache import gradcache_step
 
     torch.manual_seed(0)
@@ -267,9 +278,12 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
         for name, kw in VARIANTS.items():
-            for gc in ([None, chunk] if chunk and B > chunk else [None]):
-                if gc is not None and name not in ("baseline", "rematch"):
-                    continue
+            if variants and name not in variants:
+                continue
+            gcs = [None]
+            if chunk and B > chunk and name in ("baseline", "rematch"):
+                gcs = {"both": [None, chunk], "on": [chunk], "off": [None]}[gradcache]
+            for gc in gcs:
                 model = ReMatchModel(bb, **kw).to(device).train()
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-5)
@@ -294,6 +308,15 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                     row.update(step_s=t, samples_per_s=B / t, tokens_per_s=n_tok / t)
                     if device == "cuda":
                         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                        # one more step: how long the host takes to enqueue it. Near the step time: the
+                        # host (launches, syncs) bounds the step; far below: the device does.
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        run()
+                        t1 = time.perf_counter()
+                        torch.cuda.synchronize()
+                        row["host_enqueue_s"] = t1 - t0
+                        row["host_fraction"] = (t1 - t0) / (time.perf_counter() - t0)
                         patches = batch["image_grid_thw"].prod(-1).tolist()
                         row["tflops_per_step"] = step_flops(bb, counts, patches, gc is not None) / 1e12
                         row["mfu"] = row["tflops_per_step"] / t / peak
@@ -305,12 +328,14 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                 res["runs"].append(row)
                 print(_fmt_row(row), flush=True)
                 del model, opt
-    base = {r["batch"]: r for r in res["runs"] if r["variant"] == "baseline" and r["gradcache_chunk"] is None
-            and "step_s" in r}
+    base = {(r["batch"], r["gradcache_chunk"]): r for r in res["runs"] if r["variant"] == "baseline" and "step_s" in r}
     nm = {r["batch"]: r for r in res["runs"] if r["variant"] == "rematch_no_matching" and "step_s" in r}
     for r in res["runs"]:
-        if "step_s" in r and r["batch"] in base:
-            r["ratio_to_baseline"] = r["step_s"] / base[r["batch"]]["step_s"]
+        key = (r["batch"], r["gradcache_chunk"])
+        if key not in base:  # the variants without a GradCache run: to the plain baseline
+            key = (r["batch"], None)
+        if "step_s" in r and key in base:
+            r["ratio_to_baseline"] = r["step_s"] / base[key]["step_s"]
         if "step_s" in r and r["batch"] in nm and r["variant"] == "rematch_feat_feat":
             r["ratio_to_no_matching"] = r["step_s"] / nm[r["batch"]]["step_s"]
     return res
@@ -415,6 +440,17 @@ def suite_vision(shape: str, device: str, dtype: str, n_images: int, image_size:
 PHASES = ("rematch/vision", "rematch/embed", "rematch/matching")
 
 
+def device_busy_s(events) -> float:
+    """Seconds the device spent in kernels, copies and fills: the device-side events alone.
+
+    A host op's ``self_device_time_total`` is the time of the kernels it launched, which appear
+    again as device events: summing both counted every kernel twice.
+    """
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6
+
+
 def profile_step(run, device: str, top: int = 12) -> dict:
     """torch.profiler over one call of `run` (a training step): wall time, device-busy time, the
     phases marked by `ReMatchModel.forward` (``record_function``), kernel launches, host-device
@@ -431,7 +467,7 @@ def profile_step(run, device: str, top: int = 12) -> dict:
         wall = time.perf_counter() - t
     ev = prof.key_averages()
     self_t = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
-    busy = sum(e.self_device_time_total for e in ev) / 1e6 if cuda else float("nan")
+    busy = device_busy_s(ev) if cuda else float("nan")
     by_key = {e.key: e for e in ev}
     phases = {p.split("/")[1]: (by_key[p].device_time_total if cuda else by_key[p].cpu_time_total) / 1e6
               for p in PHASES if p in by_key}
@@ -453,14 +489,17 @@ def profile_step(run, device: str, top: int = 12) -> dict:
     }
 
 
-def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int) -> dict:
-    """`profile_step` of one training step of each variant in `VARIANTS` on the same batch."""
+def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int,
+                  variants: list[str] | None = None) -> dict:
+    """`profile_step` of one training step of each variant in `VARIANTS` (or `variants`) on the same batch."""
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype)
     batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "batch": B, "image_size": image_size, "runs": {}}
     for name, kw in VARIANTS.items():
+        if variants and name not in variants:
+            continue
         model = ReMatchModel(bb, **kw).to(device).train()
 
         def run(model=model):
@@ -585,7 +624,8 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
 def _fmt_row(r: dict) -> str:
     if r.get("oom"):
         return f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} OOM"
-    extra = f" peak {r['peak_mem_gb']:.1f} GiB MFU {r['mfu'] * 100:.1f}%" if "peak_mem_gb" in r else ""
+    extra = (f" peak {r['peak_mem_gb']:.1f} GiB MFU {r['mfu'] * 100:.1f}% host enqueue "
+             f"{r['host_fraction'] * 100:.0f}% of the step" if "peak_mem_gb" in r else "")
     return (f"  {r['variant']:<22} B={r['batch']:<4} gc={r['gradcache_chunk']!s:<5} step {r['step_s'] * 1e3:8.1f} ms "
             f"{r['samples_per_s']:8.1f} samples/s {r['tokens_per_s']:10.0f} tok/s{extra}")
 
@@ -634,8 +674,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--search", type=int, default=0, help="--suite memory: also search the largest batch up to this")
     ap.add_argument("--lora-compute", choices=["backbone", "fp32"], default="backbone",
                     help="--suite train/memory: LoRA branch in bf16 (default) or PEFT's fp32 (backbone.lora.compute_dtype)")
+    ap.add_argument("--variants", default=None,
+                    help=f"--suite train | profile: comma-separated subset of {','.join(VARIANTS)} (default all)")
+    ap.add_argument("--gradcache", choices=["both", "on", "off"], default="both",
+                    help="--suite train, batches above --chunk: baseline and full ReMatch with and/or without GradCache")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    variants = a.variants.split(",") if a.variants else None
+    unknown = sorted(set(variants or ()) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
     if a.suite == "gpu":
@@ -652,7 +700,7 @@ def main(argv=None) -> dict:
                            a.dtype or "bf16", lora_compute=a.lora_compute)
     elif a.suite == "profile":
         print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
-        res = suite_profile(a.shape, a.device, dtype, a.batch, image_size)
+        res = suite_profile(a.shape, a.device, dtype, a.batch, image_size, variants)
     elif a.suite == "vision":
         res = suite_vision(a.shape, a.device, dtype, a.batch, image_size, a.iters)
     elif a.suite == "max_batch":
@@ -661,7 +709,8 @@ def main(argv=None) -> dict:
     elif a.suite == "train":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}")
-        res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute)
+        res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute,
+                          variants, a.gradcache)
         for r in res["runs"]:
             if "ratio_to_baseline" in r:
                 print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "
