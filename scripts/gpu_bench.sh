@@ -29,7 +29,7 @@ run() {
 # BUDGET_S (optional): the whole script ends within this many seconds; STEP_TIMEOUT: one part's limit.
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
 # The planned peaks of `bench --suite memory` (README) are checked against the `peak` column of train_2b_*.
-SUITES=${SUITES:-train_2b_b16 train_2b_b128 train_2b_b128_nogc encode_2b profile_2b train_7b train_2b_lora_fp32 strategies vision_2b max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
+SUITES=${SUITES:-train_2b_b16 train_2b_b128 train_2b_b128_nogc train_2b_compile encode_2b profile_2b train_7b train_2b_lora_fp32 strategies vision_2b max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
 for suite in $SUITES; do
   case $suite in
     train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
@@ -51,6 +51,8 @@ for suite in $SUITES; do
       --variants baseline,rematch --lora-compute fp32 --out "$OUT/train_2b_lora_fp32.json" ;;
     max_batch_2b) run max_batch_2b rematch_pl.bench --suite max_batch --shape 2b --chunk 16 --start 16 --limit 256 \
       --out "$OUT/max_batch_2b.json" ;;
+    train_2b_compile) run train_2b_compile rematch_pl.bench --suite train --shape 2b --batches 16,128 --chunk 0 \
+      --variants baseline,rematch --compile --warmup 3 --iters 2 --out "$OUT/train_2b_compile.json" ;;
     train_7b) run train_7b rematch_pl.bench --suite train --shape 7b --batches 16 --chunk 0 --variants baseline,rematch \
       --iters 1 --out "$OUT/train_7b.json" ;;
     matching_2b) run matching_2b rematch_pl.bench --suite matching --shape 2b --batch 8 --iters 3 --out "$OUT/matching_2b.json" ;;

@@ -53,6 +53,17 @@ def test_train_suite_runs_the_chosen_variants_and_gradcache_setting():
         suite_train("tiny", "cpu", "fp32", [2], 112, 1, 0, variants=["nope"])
 
 
+def test_shaped_backbone_compiles_the_decoder_layers_on_request():
+    """`--compile` builds the backbone as `backbone.compile=true` does (the compiled step's
+    equality with the eager one: tests/test_backbone.py)."""
+    from rematch_pl.bench import shaped_backbone
+
+    layers = lambda bb: list(bb.hf.model.language_model.layers)  # noqa: E731
+    assert all(layer._compiled_call_impl is None for layer in layers(shaped_backbone("tiny", "cpu", "fp32")))
+    assert all(layer._compiled_call_impl is not None
+               for layer in layers(shaped_backbone("tiny", "cpu", "fp32", compile=True)))
+
+
 def test_device_busy_counts_each_kernel_once():
     """Host ops carry their kernels' time as self device time; only the device events count."""
     from types import SimpleNamespace

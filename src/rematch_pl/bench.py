@@ -46,16 +46,21 @@ SHAPES = {
 }
 
 
-def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_compute: str = "backbone") -> Backbone:
-    """A tiny backbone, or a real-size one built from config with the tiny tokenizer."""
+def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_compute: str = "backbone",
+                    compile: bool = False) -> Backbone:
+    """A tiny backbone, or a real-size one built from config with the tiny tokenizer.
+
+    `compile`: each decoder layer through `torch.compile`, as `backbone.compile=true` does."""
     if shape == "tiny":
         bb = load_backbone("tiny://qwen2vl", dtype=dtype,
-                           lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "compute_dtype": lora_compute})
+                           lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "compute_dtype": lora_compute},
+                           compile=compile)
         return bb.to(device)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
-    from .backbone.model import DTYPES, LLM_LINEAR, enable_recompute, lora_in_activation_dtype, lora_target_regex
+    from .backbone.model import (DTYPES, LLM_LINEAR, compile_decoder_layers, enable_recompute,
+                                 lora_in_activation_dtype, lora_target_regex)
     from .backbone.processor import MultimodalProcessor
     from .backbone.tiny import resolve_tiny
 
@@ -79,7 +84,10 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
     if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
         lora_in_activation_dtype(model)
     enable_recompute(model.get_base_model())
-    return Backbone(model, proc, name=f"qwen2vl_{shape}_random")
+    bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random")
+    if compile:
+        compile_decoder_layers(bb)
+    return bb
 
 
 def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_pixels: bool = False,
@@ -256,10 +264,11 @@ VARIANTS = {
 
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
                 chunk: int, lora_compute: str = "backbone", variants: list[str] | None = None,
-                gradcache: str = "both") -> dict:
+                gradcache: str = "both", compile: bool = False, warmup: int = 1) -> dict:
     """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache.
 
-    `variants`: the `VARIANTS` to run (default all). `gradcache` (batches above `chunk`, baseline
+    `variants`: the `VARIANTS` to run (default all). `compile`: decoder layers compiled
+    (`backbone.compile`); `warmup` untimed steps per run absorb the compilation. `gradcache` (batches above `chunk`, baseline
     and full ReMatch): ``both`` runs each with and without GradCache, ``on`` only with, ``off``
     only without. A variant's ratio is to the baseline at the same batch and GradCache setting.
     """
@@ -271,10 +280,11 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     from .gradcache import gradcache_step
 
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute)
+    bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute, compile=compile)
     peak = matmul_peak_tflops(device)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
-           "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "runs": []}
+           "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "compile": compile,
+           "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
         for name, kw in VARIANTS.items():
@@ -302,7 +312,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                     if device == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
-                    t = timeit(run, device, warmup=1, iters=iters)
+                    t = timeit(run, device, warmup=warmup, iters=iters)
                     counts = dict(model.token_counts)  # of the last timed step
                     n_tok = counts.get("embed", 0) + counts.get("match", 0)
                     row.update(step_s=t, samples_per_s=B / t, tokens_per_s=n_tok / t)
@@ -678,6 +688,9 @@ def main(argv=None) -> dict:
                     help=f"--suite train | profile: comma-separated subset of {','.join(VARIANTS)} (default all)")
     ap.add_argument("--gradcache", choices=["both", "on", "off"], default="both",
                     help="--suite train, batches above --chunk: baseline and full ReMatch with and/or without GradCache")
+    ap.add_argument("--compile", action="store_true",
+                    help="--suite train: torch.compile each decoder layer (backbone.compile=true)")
+    ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     variants = a.variants.split(",") if a.variants else None
@@ -708,9 +721,9 @@ def main(argv=None) -> dict:
         res = suite_max_batch(a.shape, a.device, dtype, image_size, a.chunk, a.limit, a.start)
     elif a.suite == "train":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
-        print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}")
+        print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}" + (" compiled" if a.compile else ""))
         res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute,
-                          variants, a.gradcache)
+                          variants, a.gradcache, a.compile, a.warmup)
         for r in res["runs"]:
             if "ratio_to_baseline" in r:
                 print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "

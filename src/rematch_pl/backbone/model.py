@@ -278,6 +278,12 @@ def load_backbone(
         enable_recompute(base)
     backbone = Backbone(model, processor, name=path)
     if compile:
-        for layer in backbone.hf.model.language_model.layers:
-            layer.compile(dynamic=True)
+        compile_decoder_layers(backbone)
     return backbone
+
+
+def compile_decoder_layers(backbone: Backbone) -> None:
+    """`torch.compile` each decoder layer of the language model in place (regional compilation,
+    dynamic shapes); parameter names and values are unchanged (`backbone.compile`)."""
+    for layer in backbone.hf.model.language_model.layers:
+        layer.compile(dynamic=True)
