@@ -492,7 +492,9 @@ def profile_step(run, device: str, top: int = 12) -> dict:
         "pack_host_s": by_key["rematch/pack"].cpu_time_total / 1e6 if "rematch/pack" in by_key else 0.0,
         "aten_ops": sum(e.count for e in ops),
         "kernel_launches": count(lambda k: "LaunchKernel" in k),
-        "syncs": count(lambda k: k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")),
+        # within the step: the closing `torch.cuda.synchronize` above is the profiler's, not the step's
+        "syncs": count(lambda k: k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"))
+        - int(cuda),
         "memcpy_calls": count(lambda k: k.startswith("cudaMemcpy")),
         "top": [{"op": e.key, "count": e.count, "self_s": self_t(e) / 1e6}
                 for e in sorted((e for e in ev if not e.key.startswith("rematch/")), key=self_t, reverse=True)[:top]],
