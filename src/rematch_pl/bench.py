@@ -262,6 +262,14 @@ VARIANTS = {
 }
 
 
+def pick_variants(variants: list[str] | None) -> dict:
+    """The `VARIANTS` named (all of them for None), in their order; an unknown name is an error."""
+    unknown = sorted(set(variants or ()) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}: choose from {sorted(VARIANTS)}")
+    return {k: v for k, v in VARIANTS.items() if not variants or k in variants}
+
+
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
                 chunk: int, lora_compute: str = "backbone", variants: list[str] | None = None,
                 gradcache: str = "both", compile: bool = False, warmup: int = 1) -> dict:
@@ -272,9 +280,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     and full ReMatch): ``both`` runs each with and without GradCache, ``on`` only with, ``off``
     only without. A variant's ratio is to the baseline at the same batch and GradCache setting.
     """
-    unknown = sorted(set(variants or ()) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}: choose from {sorted(VARIANTS)}")
+    chosen = pick_variants(variants)
     if gradcache not in ("both", "on", "off"):
         raise ValueError(f"gradcache={gradcache!r}: choose both, on or off")
     from .gradcache import gradcache_step
@@ -287,9 +293,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
            "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
-        for name, kw in VARIANTS.items():
-            if variants and name not in variants:
-                continue
+        for name, kw in chosen.items():
             gcs = [None]
             if chunk and B > chunk and name in ("baseline", "rematch"):
                 gcs = {"both": [None, chunk], "on": [chunk], "off": [None]}[gradcache]
@@ -504,14 +508,13 @@ def profile_step(run, device: str, top: int = 12) -> dict:
 def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int,
                   variants: list[str] | None = None) -> dict:
     """`profile_step` of one training step of each variant in `VARIANTS` (or `variants`) on the same batch."""
+    chosen = pick_variants(variants)
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype)
     batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "batch": B, "image_size": image_size, "runs": {}}
-    for name, kw in VARIANTS.items():
-        if variants and name not in variants:
-            continue
+    for name, kw in chosen.items():
         model = ReMatchModel(bb, **kw).to(device).train()
 
         def run(model=model):
@@ -696,9 +699,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     variants = a.variants.split(",") if a.variants else None
-    unknown = sorted(set(variants or ()) - set(VARIANTS))
-    if unknown:
-        ap.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    try:
+        pick_variants(variants)
+    except ValueError as e:
+        ap.error(f"--variants: {e}")
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
     if a.suite == "gpu":
