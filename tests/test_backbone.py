@@ -124,14 +124,15 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradients():
         torch.testing.assert_close(out[True][1][k], g, atol=1e-5, rtol=1e-4)
 
 
-def _lora_step(compute_dtype: str, dtype: str, dropout: float = 0.0):
+def _lora_step(compute_dtype: str, dtype: str, dropout: float = 0.0, fused: bool = True):
     """LLM forward + backward of the tiny backbone with nonzero LoRA branches; the live-tensor peak."""
     from rematch_pl.backbone.model import load_backbone
     from rematch_pl.memory import LiveBytes
 
+    load_backbone("tiny://qwen2vl")  # the first call makes the tiny checkpoint (draws random numbers)
     torch.manual_seed(0)
     bb = load_backbone("tiny://qwen2vl", dtype=dtype,
-                       lora={"r": 8, "alpha": 16, "dropout": dropout, "compute_dtype": compute_dtype})
+                       lora={"r": 8, "alpha": 16, "dropout": dropout, "compute_dtype": compute_dtype, "fused": fused})
     g = torch.Generator().manual_seed(1)
     for n, p in bb.named_parameters():
         if "lora_B" in n:  # B starts at zero: make the branch matter
@@ -147,15 +148,16 @@ def _lora_step(compute_dtype: str, dtype: str, dropout: float = 0.0):
     return out.detach().float(), grads, mode.peak
 
 
-@pytest.mark.parametrize("compute_dtype", ["backbone", "fp32"])
-def test_lora_branch_against_a_float64_reference(compute_dtype):
+@pytest.mark.parametrize("compute_dtype,fused", [("backbone", True), ("backbone", False), ("fp32", True)])
+def test_lora_branch_against_a_float64_reference(compute_dtype, fused):
     """One LoRA layer of a bf16 backbone (fp32 LoRA weights): the branch's output and its weight
-    gradients against float64, for the bf16 branch (default) and PEFT's fp32 one."""
+    gradients against float64, for the bf16 branch (default: fused epilogue; and PEFT's order) and
+    PEFT's fp32 one (`fused` does not apply to it)."""
     from rematch_pl.backbone.model import load_backbone
 
     torch.manual_seed(0)
     bb = load_backbone("tiny://qwen2vl", dtype="bf16",
-                       lora={"r": 8, "alpha": 16, "dropout": 0.0, "compute_dtype": compute_dtype})
+                       lora={"r": 8, "alpha": 16, "dropout": 0.0, "compute_dtype": compute_dtype, "fused": fused})
     layer = bb.hf.model.language_model.layers[0].mlp.down_proj
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     B.data = torch.randn(B.shape) * 0.05
@@ -185,9 +187,70 @@ def test_lora_branch_in_the_activation_dtype_holds_less_memory():
 
 def test_lora_compute_dtype_changes_nothing_on_an_fp32_backbone():
     ref, ref_g, _ = _lora_step("fp32", "fp32")
-    out, g, _ = _lora_step("backbone", "fp32")
+    out, g, _ = _lora_step("backbone", "fp32", fused=False)
     assert torch.equal(out, ref)
     assert all(torch.equal(g[n], ref_g[n]) for n in g)
+
+
+def test_fused_lora_epilogue_gives_peft_outputs_and_gradients():
+    """backbone.lora.fused (scale and add in the B product's addmm) against PEFT's product, scale and
+    add, whole tiny fp32 LLM with dropout (the same masks): outputs and every trainable gradient
+    equal to fp32 rounding, and no more memory held."""
+    ref, ref_g, ref_peak = _lora_step("backbone", "fp32", dropout=0.1, fused=False)
+    out, g, peak = _lora_step("backbone", "fp32", dropout=0.1, fused=True)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert g.keys() == ref_g.keys() and any("lora_A" in n for n in g)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_g[n], atol=1e-7, rtol=1e-4)
+    assert peak <= ref_peak
+
+
+def test_fused_lora_epilogue_is_one_addmm_and_keeps_peft_controls():
+    """A fused LoRA projection issues one addmm where PEFT issues a product, a scale and an add:
+    no elementwise pass over the output in forward or backward (aten ops counted); disabling or merging the adapter falls back to
+    PEFT's forward (the base output; the merged weight)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rematch_pl.backbone.model import load_backbone
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.names.append((func.overloadpacket.__name__, out.numel() if isinstance(out, torch.Tensor) else 0))
+            return out
+
+    counts = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        bb = load_backbone("tiny://qwen2vl", dtype="fp32",
+                           lora={"r": 8, "alpha": 16, "dropout": 0.0, "fused": fused})
+        proj = bb.hf.model.language_model.layers[0].mlp.up_proj
+        torch.nn.init.normal_(proj.lora_B["default"].weight, std=0.1)
+        x = torch.randn(5, proj.in_features, requires_grad=True)
+        with Ops() as ops:
+            y = proj(x)
+            y.sum().backward()
+        counts[fused] = ops.names
+        if fused:
+            assert type(proj).__name__ == "FusedLinear" and "addmm" in [n for n, _ in ops.names]
+            with torch.no_grad():
+                lora = proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](x))
+                torch.testing.assert_close(y, proj.base_layer(x) + lora)
+                with bb.model.disable_adapter():
+                    torch.testing.assert_close(proj(x), proj.base_layer(x))
+                proj.merge()
+                torch.testing.assert_close(proj(x), y, atol=1e-5, rtol=1e-5)
+                assert proj.merged and proj.base_layer.weight.grad_fn is None
+    full = y.numel()  # elementwise passes over the [5, out] output: PEFT's scale and add, the scale's backward
+
+    def passes(names):
+        return sum(1 for n, numel in names if n in ("mul", "add") and numel == full)
+
+    assert passes(counts[False]) == 3 and passes(counts[True]) == 0
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

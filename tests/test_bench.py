@@ -64,6 +64,24 @@ def test_shaped_backbone_compiles_the_decoder_layers_on_request():
                for layer in layers(shaped_backbone("tiny", "cpu", "fp32", compile=True)))
 
 
+def test_lora_suite_times_both_branch_orders_of_every_projection(tmp_path):
+    """`--suite lora` (2B projections, a few tokens): each of the seven projections timed both
+    ways, both as close to float64 as fp32 allows; `--lora-unfused` reaches the train suite."""
+    res = main(["--suite", "lora", "--shape", "2b", "--tokens", "8", "--iters", "1", "--out", str(tmp_path / "l.json")])
+    assert [r["projection"] for r in res["runs"]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"]
+    assert dict((r["projection"], (r["in"], r["out"])) for r in res["runs"])["down_proj"] == (8960, 1536)
+    for r in res["runs"]:
+        assert r["fused_s"] > 0 and r["unfused_s"] > 0
+        assert 0 < r["rel_err_fused"] < 1e-6 and 0 < r["rel_err_unfused"] < 1e-6
+    assert json.loads((tmp_path / "l.json").read_text())["layer_speedup"] == pytest.approx(res["layer_speedup"])
+    with pytest.raises(SystemExit, match="2b or 7b"):
+        main(["--suite", "lora", "--shape", "tiny"])
+    res = main(["--suite", "train", "--batches", "2", "--chunk", "0", "--iters", "1", "--variants", "baseline",
+                "--lora-unfused"])
+    assert res["lora_fused"] is False
+
+
 def test_device_busy_counts_each_kernel_once():
     """Host ops carry their kernels' time as self device time; only the device events count."""
     from types import SimpleNamespace

@@ -72,6 +72,7 @@ def test_ablation_axes_take_their_values():
     ("train.memory_check.budget_gib=0", "train.memory_check.budget_gib"),
     ("train.memory_check.images=huge", "train.memory_check.images"),
     ("backbone.lora.compute_dtype=fp16", "backbone.lora.compute_dtype"),
+    ("backbone.lora.fused=maybe", "backbone.lora.fused"), ("backbone.fused_rms_norm=1", "backbone.fused_rms_norm"),
     ("train.memory_check.budget_gib=8,train.memory_check.reserve_gib=8", "train.memory_check.reserve_gib"),
 ])
 def test_invalid_values_fail_naming_the_key(override, key):

@@ -10,6 +10,8 @@ Qwen2-VL-2B/7B-shaped models from config on a GPU, no download):
 
 `--suite train` times training steps (baseline vs full ReMatch, with and without GradCache);
 `--suite max_batch` searches the largest per-GPU batch that fits in memory for each;
+`--suite lora` times the LoRA projections of one decoder layer, PEFT's branch against the fused
+epilogue (`backbone.lora.fused`);
 `--suite vision` times the vision tower with grouped attention (one SDPA call per run of
 equal-size images) against transformers' per-image loop;
 `--suite flops` (any machine) counts the FLOPs of one training step of each variant for a
@@ -47,20 +49,24 @@ SHAPES = {
 
 
 def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_compute: str = "backbone",
-                    compile: bool = False) -> Backbone:
+                    compile: bool = False, lora_fused: bool = True, fused_norm: bool = True) -> Backbone:
     """A tiny backbone, or a real-size one built from config with the tiny tokenizer.
 
-    `compile`: each decoder layer through `torch.compile`, as `backbone.compile=true` does."""
+    `compile`: each decoder layer through `torch.compile`, as `backbone.compile=true` does.
+    `lora_fused`: the LoRA scaling and add in the B product's epilogue (`backbone.lora.fused`).
+    `fused_norm`: RMSNorms as one `F.rms_norm` (`backbone.fused_rms_norm`)."""
     if shape == "tiny":
         bb = load_backbone("tiny://qwen2vl", dtype=dtype,
-                           lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "compute_dtype": lora_compute},
-                           compile=compile)
+                           lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "compute_dtype": lora_compute,
+                                 "fused": lora_fused},
+                           compile=compile, fused_rms_norm=fused_norm)
         return bb.to(device)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
-    from .backbone.model import (DTYPES, LLM_LINEAR, compile_decoder_layers, enable_recompute,
-                                 lora_in_activation_dtype, lora_target_regex)
+    from .backbone.lora import LLM_LINEAR, lora_in_activation_dtype, lora_target_regex
+    from .backbone.model import DTYPES, compile_decoder_layers, enable_recompute
+    from .backbone.norm import fuse_rms_norms
     from .backbone.processor import MultimodalProcessor
     from .backbone.tiny import resolve_tiny
 
@@ -79,10 +85,12 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
                         vision_end_token_id=base.vision_end_token_id)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    if fused_norm:  # as load_backbone does by default (backbone.fused_rms_norm)
+        fuse_rms_norms(model)
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                              target_modules=lora_target_regex(LLM_LINEAR)))
     if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
-        lora_in_activation_dtype(model)
+        lora_in_activation_dtype(model, fused=lora_fused)
     enable_recompute(model.get_base_model())
     bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random")
     if compile:
@@ -272,7 +280,8 @@ def pick_variants(variants: list[str] | None) -> dict:
 
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
                 chunk: int, lora_compute: str = "backbone", variants: list[str] | None = None,
-                gradcache: str = "both", compile: bool = False, warmup: int = 1) -> dict:
+                gradcache: str = "both", compile: bool = False, warmup: int = 1, lora_fused: bool = True,
+                fused_norm: bool = True) -> dict:
     """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache.
 
     `variants`: the `VARIANTS` to run (default all). `compile`: decoder layers compiled
@@ -286,11 +295,12 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     from .gradcache import gradcache_step
 
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute, compile=compile)
+    bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute, compile=compile, lora_fused=lora_fused,
+                         fused_norm=fused_norm)
     peak = matmul_peak_tflops(device)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
-           "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "compile": compile,
-           "runs": []}
+           "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "lora_fused": lora_fused,
+           "fused_norm": fused_norm, "compile": compile, "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
         for name, kw in chosen.items():
@@ -448,6 +458,77 @@ def suite_vision(shape: str, device: str, dtype: str, n_images: int, image_size:
                                                           f"({res['per_image_images_per_s']:.1f} images/s)"),
                    ("grouped attention", f"{res['grouped_s'] * 1e3:.1f} ms ({res['grouped_images_per_s']:.1f} images/s)"),
                    ("speed-up", f"{res['speedup']:.2f}x")])
+    return res
+
+
+def suite_lora(shape: str, device: str, dtype: str, tokens: int, iters: int, r: int = 32) -> dict:
+    """The seven LoRA projections of one decoder layer of the shape, forward + backward over
+    `tokens` tokens: PEFT's branch order (product, scale, add) against the fused epilogue
+    (`backbone.lora.fused`: scale and add inside the B product). Frozen base weight in `dtype`,
+    fp32 LoRA factors computing in `dtype` (`compute_dtype=backbone`), input gradient included."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from .backbone.lora import LLM_LINEAR, lora_in_activation_dtype
+    from .backbone.model import DTYPES
+
+    if shape == "tiny":
+        raise SystemExit("--suite lora: pick --shape 2b or 7b (the tiny projections time nothing but overheads)")
+    t = SHAPES[shape]["text"]
+    d, inter = t["hidden_size"], t["intermediate_size"]
+    kv = d // t["num_attention_heads"] * t["num_key_value_heads"]
+    dims = dict(q_proj=(d, d), k_proj=(d, kv), v_proj=(d, kv), o_proj=(d, d), gate_proj=(d, inter),
+                up_proj=(d, inter), down_proj=(inter, d))
+    dt = DTYPES[dtype]
+    res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+           "tokens": tokens, "r": r, "runs": []}
+    rows = []
+    for name in LLM_LINEAR:
+        n_in, n_out = dims[name]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, n_in, generator=g).to(device, dt).requires_grad_()
+        dy = torch.randn(tokens, n_out, generator=g).to(device, dt)
+        row = {"projection": name, "in": n_in, "out": n_out}
+        projs = {}
+        for fused in (False, True):
+            torch.manual_seed(0)  # the same weights for both
+            layer = nn.Module()
+            layer.proj = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dt)
+            layer = get_peft_model(layer, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+            lora_in_activation_dtype(layer, fused=fused)
+            projs[fused] = layer.base_model.model.proj
+            nn.init.normal_(projs[fused].lora_B["default"].weight, std=0.02,
+                            generator=torch.Generator(device).manual_seed(1))  # B starts at zero: make it count
+
+        def step(proj):
+            x.grad = None
+            proj(x).backward(dy)
+
+        times = {False: [], True: []}
+        for _ in range(2):  # interleaved rounds, the best of each: the two see the same machine state
+            for fused, proj in projs.items():
+                times[fused].append(timeit(lambda proj=proj: step(proj), device, warmup=1, iters=iters))
+        row.update(unfused_s=min(times[False]), fused_s=min(times[True]))
+        row["speedup"] = row["unfused_s"] / row["fused_s"]
+        p = projs[True]  # against float64: x Wᵀ + s·x Aᵀ Bᵀ
+        x64, w64 = x.detach().double(), p.base_layer.weight.double()
+        a64, b64 = p.lora_A["default"].weight.double(), p.lora_B["default"].weight.double()
+        ref = x64 @ w64.T + p.scaling["default"] * (x64 @ a64.T) @ b64.T
+        with torch.no_grad():
+            for fused, proj in projs.items():
+                err = float((proj(x).double() - ref).norm() / ref.norm())
+                row["rel_err_fused" if fused else "rel_err_unfused"] = err
+        res["runs"].append(row)
+        rows.append((f"{name} {n_in}->{n_out}", f"unfused {row['unfused_s'] * 1e3:7.2f} ms  fused "
+                     f"{row['fused_s'] * 1e3:7.2f} ms  {row['speedup']:.2f}x  (error vs fp64: unfused "
+                     f"{row['rel_err_unfused']:.1e}, fused {row['rel_err_fused']:.1e})"))
+    res["layer_unfused_s"] = sum(r_["unfused_s"] for r_ in res["runs"])
+    res["layer_fused_s"] = sum(r_["fused_s"] for r_ in res["runs"])
+    res["layer_speedup"] = res["layer_unfused_s"] / res["layer_fused_s"]
+    rows.append(("all seven (one decoder layer)", f"unfused {res['layer_unfused_s'] * 1e3:7.2f} ms  fused "
+                 f"{res['layer_fused_s'] * 1e3:7.2f} ms  {res['layer_speedup']:.2f}x"))
+    print_rows(f"bench lora: Qwen2-VL-{shape} projections, {tokens} tokens, r={r}, device={res['device']} "
+               f"dtype={dtype}, forward + backward", rows)
     return res
 
 
@@ -671,7 +752,8 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "profile", "flops", "memory", "gpu"],
+    ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "lora", "profile", "flops", "memory",
+                                        "gpu"],
                     default="matching")
     ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
     ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
@@ -689,6 +771,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--search", type=int, default=0, help="--suite memory: also search the largest batch up to this")
     ap.add_argument("--lora-compute", choices=["backbone", "fp32"], default="backbone",
                     help="--suite train/memory: LoRA branch in bf16 (default) or PEFT's fp32 (backbone.lora.compute_dtype)")
+    ap.add_argument("--lora-unfused", action="store_true",
+                    help="--suite train: PEFT's separate LoRA product, scale and add (backbone.lora.fused=false)")
+    ap.add_argument("--norm-unfused", action="store_true",
+                    help="--suite train: transformers' elementwise RMSNorm (backbone.fused_rms_norm=false)")
+    ap.add_argument("--tokens", type=int, default=4096, help="--suite lora: tokens per projection call")
     ap.add_argument("--variants", default=None,
                     help=f"--suite train | profile: comma-separated subset of {','.join(VARIANTS)} (default all)")
     ap.add_argument("--gradcache", choices=["both", "on", "off"], default="both",
@@ -720,6 +807,8 @@ def main(argv=None) -> dict:
     elif a.suite == "profile":
         print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
         res = suite_profile(a.shape, a.device, dtype, a.batch, image_size, variants)
+    elif a.suite == "lora":
+        res = suite_lora(a.shape, a.device, dtype, a.tokens, a.iters)
     elif a.suite == "vision":
         res = suite_vision(a.shape, a.device, dtype, a.batch, image_size, a.iters)
     elif a.suite == "max_batch":
@@ -729,7 +818,8 @@ def main(argv=None) -> dict:
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}" + (" compiled" if a.compile else ""))
         res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute,
-                          variants, a.gradcache, a.compile, a.warmup)
+                          variants, a.gradcache, a.compile, a.warmup, lora_fused=not a.lora_unfused,
+                          fused_norm=not a.norm_unfused)
         for r in res["runs"]:
             if "ratio_to_baseline" in r:
                 print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "

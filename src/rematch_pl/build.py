@@ -28,7 +28,7 @@ def build_backbone(b: DictConfig, meta: bool = False) -> Backbone:
         path=b.path, dtype=b.dtype, attn_implementation=b.attn_implementation,
         gradient_checkpointing=b.gradient_checkpointing, min_pixels=b.min_pixels, max_pixels=b.max_pixels,
         lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"),
-        compile=b.get("compile", False) and not meta, meta=meta,
+        compile=b.get("compile", False) and not meta, meta=meta, fused_rms_norm=b.get("fused_rms_norm", True),
     )
 
 

@@ -36,9 +36,12 @@ def validate(cfg: DictConfig) -> None:
     _check(b.min_pixels is None or b.max_pixels is None or b.min_pixels <= b.max_pixels, "backbone.min_pixels",
            b.min_pixels, f"<= backbone.max_pixels ({b.max_pixels})")
     _check(isinstance(b.get("compile", False), bool), "backbone.compile", b.get("compile"), "true | false")
+    _check(isinstance(b.get("fused_rms_norm", True), bool), "backbone.fused_rms_norm", b.get("fused_rms_norm"),
+           "true | false")
     _check(int(b.lora.r) > 0, "backbone.lora.r", b.lora.r, "a positive integer")
     _check(b.lora.get("compute_dtype", "backbone") in ("backbone", "fp32"), "backbone.lora.compute_dtype",
            b.lora.get("compute_dtype"), "backbone | fp32")
+    _check(isinstance(b.lora.get("fused", True), bool), "backbone.lora.fused", b.lora.get("fused"), "true | false")
     _check(isinstance(f.k, int) and 0 <= f.k <= 64, "fusion.k", f.k, "an integer in 0..64 (0 = last-token pooling)")
     _check(f.sets in ("separate", "shared", "both"), "fusion.sets", f.sets, "separate | shared | both")
     _check(m.views in VIEW_SETS, "matching.views", m.views, f"one of {sorted(VIEW_SETS)}")

@@ -170,7 +170,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
         lora["dropout"] = 0.0
     bb = load_backbone(path=b["path"], dtype=dt, attn_implementation=b.get("attn_implementation") or "sdpa",
                        gradient_checkpointing=False, min_pixels=b.get("min_pixels"), max_pixels=b.get("max_pixels"),
-                       lora=lora, revision=b.get("revision"))
+                       lora=lora, revision=b.get("revision"), fused_rms_norm=b.get("fused_rms_norm", True))
     model = ReMatchModel(bb, k=spec.k, token_sets=spec.sets, matching=spec.matching,
                          matching_feature=spec.matching_feature, projector_ratio=spec.projector_ratio,
                          template=spec.template)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .lora import LoraSettings, lora_in_activation_dtype, lora_target_regex
+from .norm import fuse_rms_norms
 from .processor import MultimodalProcessor
 from .sequence import Packed, to_device
 from .tiny import resolve_tiny
@@ -22,46 +23,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-LLM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoraSettings:
-    enabled: bool = True
-    r: int = 32
-    alpha: int = 64
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(LLM_LINEAR))
-    # "backbone": the LoRA branch computes in the activations' dtype (bf16) from fp32 weights, as
-    # autocast would; "fp32": PEFT's default, the branch upcasts its input (a full-width fp32
-    # copy of every LoRA input, fp32 matrix products)
-    compute_dtype: str = "backbone"
-
-
-class _InputDtypeLinear(nn.Linear):
-    """A LoRA factor that multiplies in its input's dtype: bf16 activations times its fp32 weight
-    cast to bf16. The cast is differentiable, so the fp32 weight still gets the gradient."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype)
-        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-
-def lora_in_activation_dtype(model: nn.Module) -> int:
-    """Make every LoRA branch of `model` compute in its input's dtype (see `LoraSettings`);
-    returns the number of LoRA factors changed. Parameter names, dtypes and values are unchanged."""
-    from peft.tuners.lora import LoraLayer
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            m.cast_input_dtype_enabled = False  # PEFT's x.to(lora_A.weight.dtype)
-            for factors in (m.lora_A, m.lora_B):
-                for lin in factors.values():
-                    if type(lin) is nn.Linear:
-                        lin.__class__ = _InputDtypeLinear
-                        n += 1
-    return n
 
 
 def enable_recompute(model: nn.Module) -> None:
@@ -84,17 +45,6 @@ def resolve_path(path: str) -> str:
     if path.startswith("tiny://"):
         return resolve_tiny(path[len("tiny://"):])
     return path
-
-
-def lora_target_regex(targets: list[str]) -> str:
-    """A PEFT regex that hits the given linear layers of the *language model only*.
-
-    A plain list of names would also hit the Qwen2.5-VL vision MLP (same names).
-    """
-    bad = [t for t in targets if not t.isidentifier()]
-    if bad:
-        raise ValueError(f"backbone.lora.targets: {bad} are not module names")
-    return r".*language_model.*\.(" + "|".join(targets) + r")$"
 
 
 class Backbone(nn.Module):
@@ -227,6 +177,7 @@ def load_backbone(
     revision: str | None = None,
     compile: bool = False,
     meta: bool = False,
+    fused_rms_norm: bool = True,
 ) -> Backbone:
     """Load model and processor by hub id or local folder, with LoRA restricted to the LLM.
 
@@ -235,6 +186,7 @@ def load_backbone(
     unaffected; the first steps pay the compilation.
     meta: build the model from its config on the meta device, no weights read (memory planning,
     `rematch_pl.memory`); everything else (processor, LoRA, checkpointing) as for a real load.
+    fused_rms_norm: every RMSNorm as one `F.rms_norm` (`backbone.norm`; one kernel each way on CUDA).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -258,6 +210,8 @@ def load_backbone(
         raise ValueError(f"backbone.path={path!r} is a {model.config.model_type!r} model; "
                          "rematch_pl supports qwen2_vl and qwen2_5_vl")
     processor = MultimodalProcessor.from_pretrained(local, min_pixels=min_pixels, max_pixels=max_pixels, **extra)
+    if fused_rms_norm:
+        fuse_rms_norms(model)
     model.config.use_cache = False
     lora = LoraSettings(**lora) if isinstance(lora, dict) else (lora or LoraSettings(enabled=False))
     if lora.enabled:
@@ -269,7 +223,7 @@ def load_backbone(
         if lora.compute_dtype not in ("backbone", "fp32"):
             raise ValueError(f"backbone.lora.compute_dtype={lora.compute_dtype!r}: expected backbone or fp32")
         if lora.compute_dtype == "backbone":
-            lora_in_activation_dtype(model)
+            lora_in_activation_dtype(model, fused=lora.fused)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
