@@ -207,21 +207,11 @@ def test_fused_lora_epilogue_gives_peft_outputs_and_gradients():
 
 def test_fused_lora_epilogue_is_one_addmm_and_keeps_peft_controls():
     """A fused LoRA projection issues one addmm where PEFT issues a product, a scale and an add:
-    no elementwise pass over the output in forward or backward (aten ops counted); disabling or merging the adapter falls back to
-    PEFT's forward (the base output; the merged weight)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    no elementwise pass over the output in forward or backward (aten ops counted); disabling or
+    merging the adapter falls back to PEFT's forward (the base output; the merged weight)."""
+    from tinyutil import OpLog
 
     from rematch_pl.backbone.model import load_backbone
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.names.append((func.overloadpacket.__name__, out.numel() if isinstance(out, torch.Tensor) else 0))
-            return out
 
     counts = {}
     for fused in (False, True):
@@ -231,12 +221,12 @@ def test_fused_lora_epilogue_is_one_addmm_and_keeps_peft_controls():
         proj = bb.hf.model.language_model.layers[0].mlp.up_proj
         torch.nn.init.normal_(proj.lora_B["default"].weight, std=0.1)
         x = torch.randn(5, proj.in_features, requires_grad=True)
-        with Ops() as ops:
+        with OpLog() as ops:
             y = proj(x)
             y.sum().backward()
-        counts[fused] = ops.names
+        counts[fused] = ops.ops
         if fused:
-            assert type(proj).__name__ == "FusedLinear" and "addmm" in [n for n, _ in ops.names]
+            assert type(proj).__name__ == "FusedLinear" and "addmm" in [n for n, _ in ops.ops]
             with torch.no_grad():
                 lora = proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](x))
                 torch.testing.assert_close(y, proj.base_layer(x) + lora)

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: tiny backbones and hand-collated batches."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 KINDS = ["qwen2vl", "qwen25vl"]
 
@@ -48,3 +49,16 @@ def triple_batch(processor, n_neg: int = 1, seed: int = 0):
     neg = side_batch(processor, negs_t, negs_i, ib.grid_thw) if n_neg else None
     return {"qry": qry, "pos": pos, "neg": neg, "pixel_values": ib.pixel_values, "image_grid_thw": ib.grid_thw,
             "subset": ["a", "b", "c"], "row_id": ["a:0", "b:0", "c:0"]}
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten op run under it as (name, number of elements of its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.overloadpacket.__name__, out.numel() if isinstance(out, torch.Tensor) else 0))
+        return out

@@ -18,6 +18,7 @@ from .processor import MultimodalProcessor
 from .sequence import Packed, to_device
 from .tiny import resolve_tiny
 from .vision_attention import set_grouped_vision_attention, vision_geometry
+from .vision_mlp import set_folded_vision_mlp
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class Backbone(nn.Module):
         self.hidden_size = int(hf.config.text_config.hidden_size)
         # one SDPA call per run of equal-size images instead of one per image (same arithmetic)
         self.grouped_vision_layers = set_grouped_vision_attention(hf)
+        # Qwen2-VL: QuickGELU's scalings inside the MLP's two products, one SiLU kernel left
+        self.folded_vision_mlps = set_folded_vision_mlp(hf)
 
     @property
     def hf(self) -> nn.Module:

@@ -8,7 +8,8 @@ host syncs per vision forward.
 
 `grouped_forward` computes the same attention with one SDPA call per *run* of consecutive
 images (or windows) of equal length, as a batch [n, heads, len, head_dim], and reads the lengths
-once per ``cu_seqlens`` tensor (all layers share it). Images of one size (fixed-size training
+once per ``cu_seqlens`` tensor (all layers share it); the rotary embedding of queries and keys
+runs as one set of kernels for both (`rotate_qk`). Images of one size (fixed-size training
 images, the evaluation engine's length-sorted batches) form a single run. The arithmetic per
 image is unchanged (tested against transformers' per-image loop on both model families).
 """
@@ -103,15 +104,28 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: l
     return torch.cat(outs) if len(outs) > 1 else outs[0]  # [S, H, D]
 
 
+def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of the queries and keys of `qkv` [S, 3, H, D] with cos, sin [S, D]; returns
+    q, k [S, H, D] in qkv's dtype. transformers' `apply_rotary_pos_emb_vision` arithmetic (fp32,
+    x·cos + rotate_half(x)·sin), on q and k together in four kernels instead of about eight each:
+    rotate_half(x)·sin = cat(x2, x1)·cat(-sin1, sin2), so the negation moves to the small [S, D]
+    sin, and the product and the sum are one addcmul."""
+    h = qkv.shape[-1] // 2
+    qk = qkv[:, :2].float()  # [S, 2, H, D]
+    cos, sin = cos.float()[:, None, None], sin.float()  # [S, 1, 1, D], [S, D]
+    signed = torch.cat((-sin[:, :h], sin[:, h:]), -1)[:, None, None]  # [S, 1, 1, D]
+    swapped = torch.cat((qk[..., h:], qk[..., :h]), -1)  # [S, 2, H, D]: (x2, x1)
+    out = torch.addcmul(qk * cos, swapped, signed).to(qkv.dtype)  # [S, 2, H, D]
+    return out[:, 0], out[:, 1]
+
+
 def grouped_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
     """Drop-in forward of transformers' Qwen2-VL / Qwen2.5-VL vision attention (SDPA, no dropout)."""
     S = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(S, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, D]
-    cos, sin = position_embeddings
-    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
-    q, k = rotary(q, k, cos, sin)
-    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, S, D]
+    qkv = self.qkv(hidden_states).view(S, 3, self.num_heads, -1)  # [S, 3, H, D]
+    q, k = rotate_qk(qkv, *position_embeddings)  # [S, H, D]
+    q, k, v = (t.transpose(0, 1) for t in (q, k, qkv[:, 2]))  # [H, S, D]
     out = grouped_attention(q, k, v, runs_of(cu_seqlens), self.scaling)  # [S, H, D]
     return self.proj(out.reshape(S, -1))
 
@@ -124,20 +138,27 @@ def _compatible(attn: nn.Module) -> bool:
     return parts and rotary and list(params)[1:4] == ["hidden_states", "cu_seqlens", "position_embeddings"]
 
 
+def patch_vision_blocks(hf_model: nn.Module, part: str, forward=None, accept=lambda m: True) -> list[nn.Module]:
+    """Give the `part` ("attn", "mlp") of every vision block of a Qwen2(.5)-VL model the method
+    `forward` where `accept(part)` holds, and the class's own forward everywhere else (all of them
+    for `forward=None`). Returns the modules now using `forward`."""
+    visual = getattr(getattr(hf_model, "model", hf_model), "visual", None)
+    patched = []
+    for blk in getattr(visual, "blocks", ()):
+        m = getattr(blk, part)
+        if "forward" in m.__dict__:
+            del m.forward  # back to the class's forward
+        if forward is not None and accept(m):
+            m.forward = MethodType(forward, m)
+            patched.append(m)
+    return patched
+
+
 def set_grouped_vision_attention(hf_model: nn.Module, enabled: bool = True) -> int:
     """Use (or stop using) `grouped_forward` in every vision attention module of a Qwen2(.5)-VL
     model that runs SDPA. Returns the number of modules now grouped. Flash-attention (already
     varlen) and eager (returns attention maps) keep transformers' forward."""
-    visual = getattr(getattr(hf_model, "model", hf_model), "visual", None)
-    if visual is None:
-        return 0
-    n = 0
-    for blk in visual.blocks:
-        attn = blk.attn
-        if "forward" in attn.__dict__:
-            del attn.forward  # back to the class's forward
-        if enabled and attn.config._attn_implementation == "sdpa" and _compatible(attn) \
-                and attn.attention_dropout == 0.0:
-            attn.forward = MethodType(grouped_forward, attn)
-            n += 1
-    return n
+    def accept(attn):
+        return attn.config._attn_implementation == "sdpa" and _compatible(attn) and attn.attention_dropout == 0.0
+
+    return len(patch_vision_blocks(hf_model, "attn", grouped_forward if enabled else None, accept))

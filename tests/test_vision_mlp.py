@@ -1,0 +1,83 @@
+"""backbone.vision_mlp: Qwen2-VL's QuickGELU folded into the vision MLP's products, and the rotary
+embedding of backbone.vision_attention, against transformers' own arithmetic."""
+
+import pytest
+import torch
+
+from tinyutil import KINDS, OpLog
+from rematch_pl.backbone.vision_attention import rotate_qk
+from rematch_pl.backbone.vision_mlp import set_folded_vision_mlp
+
+
+def _pixels(bb, grids):
+    v = bb.hf.config.vision_config
+    grid = torch.tensor(grids)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(int(grid.prod(-1).sum()), v.in_channels * v.temporal_patch_size * v.patch_size**2,
+                       generator=g), grid
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_vision_mlp_gives_the_towers_output(backbones, kind):
+    """The whole tower (fp32) with folded MLPs equals transformers' MLPs to fp32 rounding; Qwen2-VL
+    folds every block, Qwen2.5-VL (gated SiLU MLP) none; parameters and names unchanged."""
+    bb = backbones[kind]
+    blocks = len(bb.hf.model.visual.blocks)
+    assert bb.folded_vision_mlps == (blocks if kind == "qwen2vl" else 0)
+    keys = list(bb.state_dict())
+    pv, grid = _pixels(bb, [[1, 8, 8], [1, 4, 6]])
+    try:
+        with torch.no_grad():
+            folded = bb.encode_images(pv, grid)
+            assert set_folded_vision_mlp(bb.hf, False) == 0
+            reference = bb.encode_images(pv, grid)
+    finally:
+        set_folded_vision_mlp(bb.hf, True)
+    assert list(bb.state_dict()) == keys
+    for a, b in zip(folded, reference):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_folded_vision_mlp_in_bf16_is_one_silu_and_as_exact(backbones):
+    """One bf16 Qwen2-VL vision MLP: the folded forward leaves one elementwise kernel over the wide
+    hidden tensor (SiLU) where transformers has three, and is no further from float64."""
+    import copy
+
+    mlp = copy.deepcopy(backbones["qwen2vl"].hf.model.visual.blocks[0].mlp).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for p in mlp.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.3).to(torch.bfloat16)
+    x = (torch.randn(64, mlp.fc1.in_features, generator=g) * 2).to(torch.bfloat16)
+    x64, w1, b1, w2, b2 = (t.double() for t in (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
+    h = x64 @ w1.T + b1
+    exact = (h * torch.sigmoid(1.702 * h)) @ w2.T + b2
+    wide = 64 * mlp.fc1.out_features
+    outs = {}
+    for name, method in (("transformers", type(mlp).forward), ("folded", mlp.forward)):
+        with torch.no_grad(), OpLog() as ops:
+            outs[name] = method(x) if name == "folded" else method(mlp, x)
+        outs[name + "_wide_elementwise"] = [n for n, numel in ops.ops if numel == wide
+                                            and n not in ("addmm", "mm", "t", "view", "_unsafe_view", "expand")]
+    assert outs["transformers_wide_elementwise"] == ["mul", "sigmoid", "mul"]
+    assert outs["folded_wide_elementwise"] == ["silu"]
+    err = {k: float((outs[k].double() - exact).norm() / exact.norm()) for k in ("transformers", "folded")}
+    assert err["folded"] <= 1.1 * err["transformers"] and err["folded"] < 1e-2, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_qk_equals_transformers_rotary(dtype):
+    """The grouped attention's rotary embedding of q and k against transformers'
+    `apply_rotary_pos_emb_vision`: fp32 to rounding, bf16 within one rounding of the result."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    g = torch.Generator().manual_seed(0)
+    S, H, D = 50, 4, 16
+    qkv = torch.randn(S, 3, H, D, generator=g).to(dtype)
+    angles = torch.randn(S, D // 2, generator=g)
+    emb = torch.cat((angles, angles), -1)  # as the tower builds it
+    q, k = rotate_qk(qkv, emb.cos(), emb.sin())
+    rq, rk = apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin())
+    assert q.dtype == k.dtype == dtype and q.shape == (S, H, D)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
+    torch.testing.assert_close(q, rq, **tol)
+    torch.testing.assert_close(k, rk, **tol)
