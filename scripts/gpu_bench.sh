@@ -29,7 +29,7 @@ run() {
 # BUDGET_S (optional): the whole script ends within this many seconds; STEP_TIMEOUT: one part's limit.
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
 # The planned peaks of `bench --suite memory` (README) are checked against the `peak` column of train_2b_*.
-SUITES=${SUITES:-train_2b_b16 train_2b_b16_unfused vision_2b encode_2b lora_2b train_2b_compile train_2b_b128 train_2b_b128_nogc profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
+SUITES=${SUITES:-train_2b_b16 train_2b_b16_unfused vision_2b encode_2b encode_2b_compile lora_2b train_2b_compile train_2b_b128 train_2b_b128_nogc profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
 for suite in $SUITES; do
   case $suite in
     train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
@@ -46,6 +46,8 @@ for suite in $SUITES; do
     profile_2b) run profile_2b rematch_pl.bench --suite profile --shape 2b --batch 16 --out "$OUT/profile_2b.json" ;;
     vision_2b) run vision_2b rematch_pl.bench --suite vision --shape 2b --batch 32 --iters 3 --out "$OUT/vision_2b.json" ;;
     encode_2b) run encode_2b rematch_pl.eval_bench ${EVAL_BENCH_ARGS:---suite encode --shape 2b --out "$OUT/encode_2b.json"} ;;
+    encode_2b_compile) run encode_2b_compile rematch_pl.eval_bench --suite encode --shape 2b --compile \
+      --out "$OUT/encode_2b_compile.json" ;;
     encode_2b_lora_separate) run encode_2b_lora_separate rematch_pl.eval_bench --suite encode --shape 2b --lora separate \
       --out "$OUT/encode_2b_lora_separate.json" ;;
     encode_2b_rows64) run encode_2b_rows64 rematch_pl.eval_bench --suite encode --shape 2b --batch 64 --max-tokens 0 \

@@ -108,3 +108,25 @@ def test_eval_bench_memory_suite_plans_the_worst_batch():
     peak = [r["peak_gib"] for r in res["runs"]]
     assert peak[2] < peak[0] < peak[1] and all(r["fits"] for r in res["runs"])
     assert res["runs"][1]["patches"] == 2 * res["runs"][0]["patches"] > 0
+
+
+@pytest.mark.slow  # ~20 s: compiles the tiny model
+def test_compiled_model_gives_the_eager_embeddings():
+    """eval.compile=true (`load_model(compile=True)`: decoder layers and vision blocks compiled
+    after the LoRA merge) encodes image and text items as the eager model does."""
+    from tinyutil import triple_batch
+
+    from rematch_pl.encoder import ModelSpec, load_model
+
+    spec = ModelSpec(backbone={"path": "tiny://qwen2vl", "lora": {"enabled": True, "r": 8, "alpha": 16}})
+    out = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = load_model(spec, "cpu", "fp32", merge_lora=True, compile=compiled)
+        layers = model.backbone.hf.model.language_model.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        b = triple_batch(model.backbone.processor)
+        with torch.no_grad():
+            out[compiled] = [model.encode(b[s], b["pixel_values"], b["image_grid_thw"]) for s in ("qry", "pos")]
+    for eager, compiled in zip(out[False], out[True]):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

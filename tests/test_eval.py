@@ -220,5 +220,7 @@ def test_bad_settings_fail_early(run_dir, tmp_path):
         run(eval_cfg(f"ckpt={run_dir}", "eval.subsets=[NoSuchSubset]"), tmp_path)
     with pytest.raises(EvalConfigError, match="eval.scoring"):
         run(eval_cfg(f"ckpt={run_dir}", "eval.scoring=annoy"), tmp_path)
+    with pytest.raises(EvalConfigError, match="eval.compile"):
+        run(eval_cfg(f"ckpt={run_dir}", "eval.compile=sometimes"), tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         run(eval_cfg(f"ckpt={tmp_path}"), tmp_path)

@@ -104,3 +104,25 @@ def test_eager_vision_attention_keeps_transformers_forward(tiny_paths):
     bb = load_backbone(tiny_paths["qwen2vl"], attn_implementation="eager")
     assert bb.grouped_vision_layers == 0
     assert all("forward" not in blk.attn.__dict__ for blk in bb.hf.model.visual.blocks)
+
+
+@pytest.mark.slow  # ~15 s: compiles the tiny towers
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_vision_blocks_equal_eager_across_image_layouts(kind, tiny_paths):
+    """backbone.compile compiles each vision block around the eager grouped attention: three
+    batches of different image sizes give the eager tower's features (dynamic shapes)."""
+    import torch._dynamo
+
+    from rematch_pl.backbone.model import compile_decoder_layers, load_backbone
+
+    bb = load_backbone(f"tiny://{kind}")
+    layouts = [GRIDS, [[1, 12, 20], [1, 4, 4]], [[1, 6, 8]]]
+    with torch.no_grad():
+        eager = [bb.encode_images(*_pixels(bb, grids)) for grids in layouts]
+        compile_decoder_layers(bb)
+        torch._dynamo.reset()
+        compiled = [bb.encode_images(*_pixels(bb, grids)) for grids in layouts]
+    for ref, got in zip(eager, compiled):
+        assert [x.shape for x in got] == [x.shape for x in ref]
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

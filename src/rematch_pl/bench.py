@@ -52,7 +52,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
                     compile: bool = False, lora_fused: bool = True, fused_norm: bool = True) -> Backbone:
     """A tiny backbone, or a real-size one built from config with the tiny tokenizer.
 
-    `compile`: each decoder layer through `torch.compile`, as `backbone.compile=true` does.
+    `compile`: each decoder layer and vision block through `torch.compile`, as `backbone.compile=true` does.
     `lora_fused`: the LoRA scaling and add in the B product's epilogue (`backbone.lora.fused`).
     `fused_norm`: RMSNorms as one `F.rms_norm` (`backbone.fused_rms_norm`)."""
     if shape == "tiny":
@@ -792,7 +792,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--gradcache", choices=["both", "on", "off"], default="both",
                     help="--suite train, batches above --chunk: baseline and full ReMatch with and/or without GradCache")
     ap.add_argument("--compile", action="store_true",
-                    help="--suite train: torch.compile each decoder layer (backbone.compile=true)")
+                    help="--suite train: torch.compile each decoder layer and vision block (backbone.compile=true)")
     ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)

@@ -150,14 +150,16 @@ def lora_pending(spec: ModelSpec) -> bool:
 
 
 def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype: str | None = None,
-               merge_lora: bool = False):
+               merge_lora: bool = False, compile: bool = False):
     """Build the ReMatch model of `spec` for inference (eval mode, no gradients) on `device`.
 
     `merge_lora`: fold the LoRA factors into the base weights after loading them (in the factors'
     float32, before the cast to `dtype`: one rounding), so each adapted projection is one matmul.
     Same function as the unmerged model up to that rounding (tested); the base model can then no
-    longer be recovered (`generate` keeps the adapter separate for its base comparison)."""
-    from .backbone.model import DTYPES, load_backbone
+    longer be recovered (`generate` keeps the adapter separate for its base comparison).
+    `compile`: `torch.compile` the decoder layers and vision blocks (`compile_decoder_layers`)
+    once loaded and merged; the first batches compile."""
+    from .backbone.model import DTYPES, compile_decoder_layers, load_backbone
     from .checkpoint import load_trainable
     from .model import ReMatchModel
 
@@ -178,6 +180,8 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
         load_trainable(model, spec.weights_dir)
     if merge_lora:
         bb.merge_lora()
+    if compile:
+        compile_decoder_layers(bb)
     model.requires_grad_(False)
     model.eval()
     return model.to(dev, DTYPES[dt])

@@ -50,6 +50,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e.max_tokens is None or e.max_tokens >= 1, "eval.max_tokens", e.max_tokens, "null or >= 1")
     _check(e.flush_every >= 1, "eval.flush_every", e.flush_every, ">= 1")
     _check(isinstance(e.merge_lora, bool), "eval.merge_lora", e.merge_lora, "true | false")
+    _check(isinstance(e.get("compile", False), bool), "eval.compile", e.get("compile"), "true | false")
     if e.subsets is not None:
         _check(isinstance(e.subsets, (list, tuple)) or OmegaConf.is_list(e.subsets), "eval.subsets", e.subsets,
                "a list of subset / set names, e.g. eval.subsets=[ImageNet-1K,flickr30k]")
@@ -179,7 +180,7 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
     dtype = resolve_dtype(e.dtype, spec, fabric.device)
     t_load = time.perf_counter()
     if model is None:
-        model = load_model(spec, fabric.device, dtype, merge_lora=e.merge_lora)
+        model = load_model(spec, fabric.device, dtype, merge_lora=e.merge_lora, compile=e.get("compile", False))
         fp = fingerprint(spec, dtype, merge_lora=e.merge_lora)
     else:
         fp = None

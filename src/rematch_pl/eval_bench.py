@@ -96,8 +96,8 @@ _TEXTS = ["dog", "a tabby cat sleeping on a sofa", "Represent the answer: two",
 
 def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int, batch: int, workers: int,
                  sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None,
-                 lora: str = "merged", max_tokens: int | None = None) -> dict:
-    from .backbone.model import DTYPES
+                 lora: str = "merged", max_tokens: int | None = None, compile: bool = False) -> dict:
+    from .backbone.model import DTYPES, compile_decoder_layers
     from .bench import llm_forward_flops, matmul_peak_tflops, shaped_backbone, vision_flops
     from .evaluation.engine import Engine, Request, estimate_image_tokens
     from .model import ReMatchModel
@@ -107,13 +107,16 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
     bb = shaped_backbone(shape, device, dtype)  # LoRA r=32 on the LLM's projections, as trained
     if lora == "merged":  # as `rematch_pl.eval` loads a LoRA checkpoint by default (eval.merge_lora=true)
         bb.merge_lora()
+    if compile:  # as eval.compile=true: after the merge; the warm-up below compiles
+        compile_decoder_layers(bb)
     model = ReMatchModel(bb, k=16, matching="none", template="chat").to(device, DTYPES[dtype]).eval()
     model.requires_grad_(False)
     build_s = time.perf_counter() - t0
     rng = random.Random(0)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "dtype": dtype, "batch": batch, "max_tokens": max_tokens, "workers": workers, "image_sizes": [f"{w}x{h}" for w, h in sizes],
-           "build_s": round(build_s, 1), "k": 16, "template": "chat", "lora": lora}
+           "build_s": round(build_s, 1), "k": 16, "template": "chat", "lora": lora,
+           "compile": compile}
     with tempfile.TemporaryDirectory() as tmp:
         paths = _images(Path(tmp), n_image + batch, sizes)
         img_reqs = [Request(f"<|image_1|>\nRepresent the given image with the following question: "
@@ -261,6 +264,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mmeb-images", default=None, help="its image root (only needed for the counts' paths)")
     ap.add_argument("--lora", choices=["merged", "separate"], default="merged",
                     help="LoRA r=32 folded into the weights (eval's default) or PEFT's separate branch")
+    ap.add_argument("--compile", action="store_true",
+                    help="encode suite: torch.compile the decoder layers and vision blocks (eval.compile=true)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -282,7 +287,7 @@ def main(argv=None) -> dict:
     workers = a.workers if a.workers is not None else (8 if a.device == "cuda" else 0)
     n_image, n_text = a.n_image or (64 if tiny else 512), a.n_text or (128 if tiny else 2048)
     res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch, workers, sizes, a.mmeb, a.mmeb_images,
-                       a.lora, a.max_tokens or None)
+                       a.lora, a.max_tokens or None, compile=a.compile)
     print_table(res)
     from .bench import write_results
 

@@ -240,7 +240,11 @@ def load_backbone(
 
 
 def compile_decoder_layers(backbone: Backbone) -> None:
-    """`torch.compile` each decoder layer of the language model in place (regional compilation,
-    dynamic shapes); parameter names and values are unchanged (`backbone.compile`)."""
+    """`torch.compile` each decoder layer of the language model and each block of the vision tower
+    in place (regional compilation, dynamic shapes; the vision blocks' grouped attention runs
+    eagerly between their compiled parts, see `vision_attention._attend`); parameter names and
+    values are unchanged (`backbone.compile`)."""
     for layer in backbone.hf.model.language_model.layers:
         layer.compile(dynamic=True)
+    for block in backbone.hf.model.visual.blocks:
+        block.compile(dynamic=True)

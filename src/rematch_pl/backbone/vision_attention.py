@@ -119,6 +119,14 @@ def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
     return out[:, 0], out[:, 1]
 
 
+@torch.compiler.disable
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """`grouped_attention` over the runs of `cu_seqlens`, kept out of `torch.compile` graphs
+    (`backbone.compile` compiles the vision blocks around it): the runs are host-side Python
+    values that would otherwise specialise the graph to each batch's image sizes."""
+    return grouped_attention(q, k, v, runs_of(cu_seqlens), scale)
+
+
 def grouped_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
     """Drop-in forward of transformers' Qwen2-VL / Qwen2.5-VL vision attention (SDPA, no dropout)."""
@@ -126,7 +134,7 @@ def grouped_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
     qkv = self.qkv(hidden_states).view(S, 3, self.num_heads, -1)  # [S, 3, H, D]
     q, k = rotate_qk(qkv, *position_embeddings)  # [S, H, D]
     q, k, v = (t.transpose(0, 1) for t in (q, k, qkv[:, 2]))  # [H, S, D]
-    out = grouped_attention(q, k, v, runs_of(cu_seqlens), self.scaling)  # [S, H, D]
+    out = _attend(q, k, v, cu_seqlens, self.scaling)  # [S, H, D]
     return self.proj(out.reshape(S, -1))
 
 
