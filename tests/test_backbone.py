@@ -310,8 +310,9 @@ def test_frozen_vision_tower_is_never_differentiated(kind):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_causal_mask_of_padded_rows_equals_transformers_padding_mask(attn):
-    """`Backbone.causal_mask` (built on the device, never read back) gives the hidden states of
-    HF's own [B, L] padding-mask path on every real token; an unpadded pass needs no mask."""
+    """`Backbone.causal_mask` gives the hidden states of HF's own [B, L] padding-mask path on every
+    real token: SDPA needs no mask for right-padded rows (causality alone), eager gets a 4-D one
+    built on the device; an unpadded pass needs no mask."""
     from rematch_pl.backbone.model import load_backbone
 
     torch.manual_seed(0)
@@ -319,7 +320,7 @@ def test_causal_mask_of_padded_rows_equals_transformers_padding_mask(attn):
     rows = [[Segment([Ids(list(range(5, 5 + n)))])] for n in (9, 4, 7)]
     packed = build_inputs(rows, bb.embed_tokens, None, None, bb.image_token_id, bb.processor.pad_id, bb.merge)
     mask = bb.causal_mask(packed)
-    assert mask.shape == (3, 1, 9, 9) and (mask.dtype == torch.bool) == (attn == "sdpa")
+    assert mask is None if attn == "sdpa" else mask.shape == (3, 1, 9, 9)
     with torch.no_grad():
         ours = bb(packed, mask)
         ref = bb(packed, (packed.segment_ids >= 0).long())

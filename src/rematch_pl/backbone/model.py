@@ -133,22 +133,22 @@ class Backbone(nn.Module):
         return pixels, torch.tensor([[1, m, m]])  # grid on the host, like a batch's
 
     def causal_mask(self, packed: Packed) -> torch.Tensor | None:
-        """Attention mask of right-padded rows (an embedding pass), made on the device without
-        reading it back: None when no row is padded (the kernel's own causal mask); else
-        [B, 1, L, L], causal over each row's tokens (bool for SDPA, additive for eager). HF's
-        mask builder would read a [B, L] padding mask back from the device at every pass
-        (`padding_mask.all()`); flash-attention keeps that [B, L] mask (it unpads the rows)."""
+        """Attention mask of right-padded rows (an embedding pass). SDPA and flash-attention: None,
+        the kernel's own causal mask. Every row is right-padded, so a real token's keys (itself and
+        those before it) are all real: causality alone gives its exact attention, and the padding
+        positions' outputs are never read (nor differentiated). That keeps SDPA on its flash kernel
+        (a [B, 1, L, L] mask forces the memory-efficient or math kernel, and converting a bool mask
+        costs two passes over it in every layer) and flash-attention off its unpadding path, which
+        reads the [B, L] mask back from the device. Eager attention applies no causal mask of its
+        own: it gets [B, 1, L, L] additive, causal over each row's tokens, made on the device
+        without reading it back (None when no row is padded)."""
+        impl = self.hf.config._attn_implementation
         seg = packed.segment_ids  # [B, L], -1 on padding
         L = seg.shape[1]
-        if all(n == L for n in packed.host_lengths):
+        if impl in ("sdpa", "flash_attention_2") or all(n == L for n in packed.host_lengths):
             return None
-        impl = self.hf.config._attn_implementation
-        if impl == "flash_attention_2":
-            return (seg >= 0).long()
         causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()  # [L, L]
         allowed = causal & (seg >= 0)[:, None, None, :]  # [B, 1, L, L]
-        if impl == "sdpa":
-            return allowed
         dtype = packed.inputs_embeds.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
