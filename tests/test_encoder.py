@@ -112,8 +112,9 @@ def test_eval_bench_memory_suite_plans_the_worst_batch():
 
 @pytest.mark.slow  # ~20 s: compiles the tiny model
 def test_compiled_model_gives_the_eager_embeddings():
-    """eval.compile=true (`load_model(compile=True)`: decoder layers and vision blocks compiled
-    after the LoRA merge) encodes image and text items as the eager model does."""
+    """eval.compile=true (`load_model(compile=True)`, which `Encoder.from_pretrained(compile=True)`
+    calls: decoder layers and vision blocks compiled after the LoRA merge) encodes image and text
+    items as the eager model does."""
     from tinyutil import triple_batch
 
     from rematch_pl.encoder import ModelSpec, load_model

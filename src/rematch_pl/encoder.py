@@ -247,17 +247,19 @@ class Encoder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
-                        backbone_path: str | None = None, base_config=None, merge_lora: bool = True) -> "Encoder":
+                        backbone_path: str | None = None, base_config=None, merge_lora: bool = True,
+                        compile: bool = False) -> "Encoder":
         """A run directory, its adapter folder or an exported folder; ``path=None`` with `base_config`
         (a mapping with backbone/fusion/matching/embedding groups) gives the base backbone.
-        `merge_lora`: fold a LoRA adapter into the base weights at load (faster; see `load_model`)."""
+        `merge_lora`: fold a LoRA adapter into the base weights at load (faster; see `load_model`).
+        `compile`: `torch.compile` the decoder layers and vision blocks (as `eval.compile=true`)."""
         if path is None:
             if base_config is None:
                 raise ValueError("Encoder.from_pretrained(None) needs base_config (the base backbone's config)")
             spec = spec_from_config(base_config)
         else:
             spec = read_spec(path, backbone_path)
-        return cls(load_model(spec, device, dtype, merge_lora=merge_lora), spec)
+        return cls(load_model(spec, device, dtype, merge_lora=merge_lora, compile=compile), spec)
 
     @property
     def processor(self):
