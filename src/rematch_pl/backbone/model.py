@@ -14,6 +14,7 @@ from torch import nn
 
 from .lora import LoraSettings, lora_in_activation_dtype, lora_target_regex
 from .norm import fuse_rms_norms
+from .patch_embed import set_linear_patch_embed
 from .processor import MultimodalProcessor
 from .sequence import Packed, to_device
 from .tiny import resolve_tiny
@@ -64,6 +65,8 @@ class Backbone(nn.Module):
         self.grouped_vision_layers = set_grouped_vision_attention(hf)
         # Qwen2-VL: QuickGELU's scalings inside the MLP's two products, one SiLU kernel left
         self.folded_vision_mlps = set_folded_vision_mlp(hf)
+        # the patch-embedding Conv3d (kernel == stride) as the GEMM it is: cuDNN's 3-D kernels can be far slower
+        self.linear_patch_embed = set_linear_patch_embed(hf)
 
     @property
     def hf(self) -> nn.Module:
