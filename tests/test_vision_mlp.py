@@ -64,6 +64,24 @@ def test_folded_vision_mlp_in_bf16_is_one_silu_and_as_exact(backbones):
     assert err["folded"] <= 1.1 * err["transformers"] and err["folded"] < 1e-2, err
 
 
+def test_folded_vision_mlp_under_autocast_with_fp32_weights(backbones):
+    """bf16 autocast over fp32 weights (trainer.precision=bf16-mixed on an fp32 backbone): the
+    products see mixed dtypes and take the unfused arithmetic, still transformers' function
+    (fc2's bias is not scaled)."""
+    import copy
+
+    mlp = copy.deepcopy(backbones["qwen2vl"].hf.model.visual.blocks[0].mlp)
+    g = torch.Generator().manual_seed(0)
+    for p in mlp.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    mlp.fc2.bias.data *= 30  # a bias that counts in the output
+    x = torch.randn(32, mlp.fc1.in_features, generator=g) * 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        folded, ref = mlp(x), type(mlp).forward(mlp, x)
+    assert folded.dtype == ref.dtype == torch.bfloat16
+    assert float((folded.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotate_qk_equals_transformers_rotary(dtype):
     """The grouped attention's rotary embedding of q and k against transformers'

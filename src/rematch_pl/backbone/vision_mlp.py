@@ -25,10 +25,12 @@ class ScaledLinear(nn.Linear):
     scaled too (`scale_bias`) or not. With scale 1 it is nn.Linear."""
 
     def forward(self, x: torch.Tensor, scale: float = 1.0, scale_bias: bool = True) -> torch.Tensor:
-        if scale == 1.0 or self.bias is None or x.dtype != self.weight.dtype:
-            out = F.linear(x, self.weight, self.bias)
-            return out if scale == 1.0 else out * scale
-        bias = self.bias * scale if scale_bias else self.bias  # [out], a small kernel
+        if scale == 1.0:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias * scale if scale_bias else self.bias  # [out], small
+        if bias is None or x.dtype != self.weight.dtype:  # no bias to carry, or autocast's mixed dtypes
+            out = F.linear(x, self.weight) * scale
+            return out if bias is None else out + bias.to(out.dtype)
         out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), self.weight.t(), alpha=scale)  # [N, out]
         return out.view(*x.shape[:-1], -1)
 
