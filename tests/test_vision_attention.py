@@ -113,13 +113,13 @@ def test_compiled_vision_blocks_equal_eager_across_image_layouts(kind, tiny_path
     batches of different image sizes give the eager tower's features (dynamic shapes)."""
     import torch._dynamo
 
-    from rematch_pl.backbone.model import compile_decoder_layers, load_backbone
+    from rematch_pl.backbone.model import compile_backbone, load_backbone
 
     bb = load_backbone(f"tiny://{kind}")
     layouts = [GRIDS, [[1, 12, 20], [1, 4, 4]], [[1, 6, 8]]]
     with torch.no_grad():
         eager = [bb.encode_images(*_pixels(bb, grids)) for grids in layouts]
-        compile_decoder_layers(bb)
+        compile_backbone(bb)
         torch._dynamo.reset()
         compiled = [bb.encode_images(*_pixels(bb, grids)) for grids in layouts]
     for ref, got in zip(eager, compiled):

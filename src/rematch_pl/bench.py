@@ -65,7 +65,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
     from .backbone.lora import LLM_LINEAR, lora_in_activation_dtype, lora_target_regex
-    from .backbone.model import DTYPES, compile_decoder_layers, enable_recompute
+    from .backbone.model import DTYPES, compile_backbone, enable_recompute
     from .backbone.norm import fuse_rms_norms
     from .backbone.processor import MultimodalProcessor
     from .backbone.tiny import resolve_tiny
@@ -94,7 +94,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
     enable_recompute(model.get_base_model())
     bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random")
     if compile:
-        compile_decoder_layers(bb)
+        compile_backbone(bb)
     return bb
 
 

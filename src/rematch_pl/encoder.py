@@ -157,9 +157,9 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
     float32, before the cast to `dtype`: one rounding), so each adapted projection is one matmul.
     Same function as the unmerged model up to that rounding (tested); the base model can then no
     longer be recovered (`generate` keeps the adapter separate for its base comparison).
-    `compile`: `torch.compile` the decoder layers and vision blocks (`compile_decoder_layers`)
+    `compile`: `torch.compile` the decoder layers and vision blocks (`compile_backbone`)
     once loaded and merged; the first batches compile."""
-    from .backbone.model import DTYPES, compile_decoder_layers, load_backbone
+    from .backbone.model import DTYPES, compile_backbone, load_backbone
     from .checkpoint import load_trainable
     from .model import ReMatchModel
 
@@ -181,7 +181,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
     if merge_lora:
         bb.merge_lora()
     if compile:
-        compile_decoder_layers(bb)
+        compile_backbone(bb)
     model.requires_grad_(False)
     model.eval()
     return model.to(dev, DTYPES[dt])

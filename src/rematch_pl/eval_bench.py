@@ -97,7 +97,7 @@ _TEXTS = ["dog", "a tabby cat sleeping on a sofa", "Represent the answer: two",
 def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int, batch: int, workers: int,
                  sizes: list[tuple[int, int]], mmeb: str | None, mmeb_images: str | None,
                  lora: str = "merged", max_tokens: int | None = None, compile: bool = False) -> dict:
-    from .backbone.model import DTYPES, compile_decoder_layers
+    from .backbone.model import DTYPES, compile_backbone
     from .bench import llm_forward_flops, matmul_peak_tflops, shaped_backbone, vision_flops
     from .evaluation.engine import Engine, Request, estimate_image_tokens
     from .model import ReMatchModel
@@ -108,7 +108,7 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
     if lora == "merged":  # as `rematch_pl.eval` loads a LoRA checkpoint by default (eval.merge_lora=true)
         bb.merge_lora()
     if compile:  # as eval.compile=true: after the merge; the warm-up below compiles
-        compile_decoder_layers(bb)
+        compile_backbone(bb)
     model = ReMatchModel(bb, k=16, matching="none", template="chat").to(device, DTYPES[dtype]).eval()
     model.requires_grad_(False)
     build_s = time.perf_counter() - t0

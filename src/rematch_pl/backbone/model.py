@@ -238,11 +238,11 @@ def load_backbone(
         enable_recompute(base)
     backbone = Backbone(model, processor, name=path)
     if compile:
-        compile_decoder_layers(backbone)
+        compile_backbone(backbone)
     return backbone
 
 
-def compile_decoder_layers(backbone: Backbone) -> None:
+def compile_backbone(backbone: Backbone) -> None:
     """`torch.compile` each decoder layer of the language model and each block of the vision tower
     in place (regional compilation, dynamic shapes; the vision blocks' grouped attention runs
     eagerly between their compiled parts, see `vision_attention._attend`); parameter names and
