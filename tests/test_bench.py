@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rematch_pl.bench import device_busy_s, largest_batch, main, suite_train
+from rematch_pl.bench import VARIANTS, device_busy_s, largest_batch, main, suite_train
 
 
 @pytest.mark.parametrize("capacity", [0, 1, 7, 8, 9, 100, 511, 512, 1000])
@@ -163,3 +163,12 @@ def test_memory_suite_plans_the_lora_branch_it_is_given():
         return next(r["transient_gib"] for r in res["runs"] if r["variant"] == "rematch")
 
     assert transient("--lora-compute", "fp32") > transient()
+
+
+def test_syncs_suite_audits_every_step_kind(tmp_path):
+    res = main(["--suite", "syncs", "--batch", "2", "--chunk", "1", "--image-size", "56", "--out", str(tmp_path / "s.json")])
+    names = list(res["runs"])
+    assert [n for n in names if n.startswith("step ")] == [f"step {v}" for v in VARIANTS]
+    assert any(n.startswith("GradCache step") for n in names) and "embedding pass (inference)" in names
+    assert all(v == [] for v in res["runs"].values()), res["runs"]
+    assert json.loads((tmp_path / "s.json").read_text())["runs"] == res["runs"]

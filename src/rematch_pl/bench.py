@@ -23,6 +23,7 @@ for a 2B/7B shape on a GPU (the step runs on the meta device, see memory.py) and
 `--suite profile` profiles one training step of each variant (torch.profiler): where the time
 goes (vision tower, embedding passes, matching pass, backward), how busy the device is, kernel
 launches and host-device synchronisations, the top operators;
+`--suite syncs` (CPU) lists where a step would make the host wait for the GPU (`sync_audit`);
 `--suite gpu` (CUDA only) runs the train suite for the 2B and 7B shapes and the 2B batch search
 into one JSON (what `scripts/gpu_bench.sh` runs, plus the matching and encode suites).
 """
@@ -766,7 +767,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "lora", "profile", "flops", "memory",
-                                        "gpu"],
+                                        "syncs", "gpu"],
                     default="matching")
     ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
     ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
@@ -811,6 +812,10 @@ def main(argv=None) -> dict:
         res = {"train_2b": suite_train("2b", "cuda", dtype, [16, 128], 448, a.iters, 16),
                "train_7b": suite_train("7b", "cuda", dtype, [16], 448, a.iters, 8),
                "max_batch_2b": suite_max_batch("2b", "cuda", dtype, 448, 16, a.limit, 16)}
+    elif a.suite == "syncs":
+        from .sync_audit import suite_syncs
+
+        res = suite_syncs(batch_size=min(a.batch, 8), image_size=a.image_size or 112, chunk=max(a.chunk, 1))
     elif a.suite == "flops":
         res = suite_flops("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, a.chunk)
     elif a.suite == "memory":

@@ -65,6 +65,9 @@ def validate(cfg: DictConfig) -> None:
     _check(gc is None or (isinstance(gc, int) and gc >= 1), "train.gradcache.chunk_size", gc, "null or an integer >= 1")
     _check(gc is None or t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "1 with GradCache (it already makes the batch as large as you like)")
+    sa = cfg.train.get("sync_audit", 0)
+    _check(isinstance(sa, int) and not isinstance(sa, bool) and sa >= 0, "train.sync_audit", sa,
+           "an integer >= 0 (steps to audit)")
     mc = cfg.train.memory_check
     _check(mc.mode in ("auto", "always", "only", "never"), "train.memory_check.mode", mc.mode,
            "auto | always | only | never")

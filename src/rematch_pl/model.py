@@ -257,8 +257,9 @@ class ReMatchModel(nn.Module):
             with record_function("rematch/matching"):
                 logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
             terms["loss_qdm"] = matching_loss(logits, labels)
-            yes_no = logits[..., [self.matching.yes_id, self.matching.no_id]]  # [B, V, 2]
-            pred_yes = yes_no[..., 0] > yes_no[..., 1]
+            # integer indices (views of the logits): a list index would be copied to the device
+            # from pageable memory, which waits for the device mid-step
+            pred_yes = logits[..., self.matching.yes_id] > logits[..., self.matching.no_id]  # [B, V]
             correct = (pred_yes == (labels == self.matching.yes_id)).float()  # [B, V]
             for v, view in enumerate(self.matching.views):
                 terms[f"acc_{view.name}"] = correct[:, v].mean().detach()

@@ -40,6 +40,7 @@ class ReMatchModule(L.LightningModule):
         self.clip_val = gradient_clip_val
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_run = 0
+        self._nonfinite_pending: torch.Tensor | None = None  # micro-batches with a non-finite loss (device)
         if scheduler not in ("cosine", "constant", "linear"):
             raise ValueError(f"optimizer.scheduler={scheduler!r}: expected cosine, constant or linear")
         self.model = model
@@ -51,7 +52,7 @@ class ReMatchModule(L.LightningModule):
         self._t_step = None
         self._val_items: dict[str, list] = {}
         self.last_val: dict[str, float] = {}
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}  # the last step's terms, detached (read at the end)
         self.train_time_s = 0.0
         self.train_samples = 0
 
@@ -97,9 +98,13 @@ class ReMatchModule(L.LightningModule):
                 f.write(json.dumps({"step": self.global_step, "rows": list(batch.get("row_id", []))}) + "\n")
         self._t_step = time.perf_counter()
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank (all ranks skip a step together)."""
-        bad = (~torch.isfinite(loss.detach())).float()
+    @staticmethod
+    def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
+        return (~torch.isfinite(loss.detach())).float()  # [] on the device: no host read
+
+    def _all_finite(self, bad: torch.Tensor) -> bool:
+        """True when no rank counted a non-finite loss in `bad` (all ranks skip a step together).
+        The step's one read of a device value on the host."""
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if float(bad) == 0:
@@ -153,7 +158,7 @@ class ReMatchModule(L.LightningModule):
         terms = gradcache_step(self.model, batch, self.gradcache_chunk, backward=self.manual_backward,
                                gather=self._gather if distributed else None, rank=self.global_rank, no_sync=no_sync,
                                new_micro_step=new_micro_step)
-        if not self._all_finite(terms["loss"]):
+        if not self._all_finite(self._nonfinite(terms["loss"])):  # after every backward pass
             opt.zero_grad()
             return terms
         if self.clip_val:
@@ -172,14 +177,42 @@ class ReMatchModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "loss_cl", "loss_qdm"),
                      batch_size=B, sync_dist=False)
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        self.last_terms = {k: v.detach() for k, v in terms.items()}  # read on the host at the end of the run
         counts = self.model.reset_counts()  # tokens of every pass of this step (embedding + matching)
         self._tokens = counts.get("embed", 0) + counts.get("match", 0)
         if self.gradcache_chunk is not None:
             return None
-        if not self._all_finite(terms["loss"]):
-            return None  # Lightning skips the optimizer step
+        if self._engine_owns_gradients():
+            # DeepSpeed's engine steps whatever gradients it holds and Lightning cannot skip its
+            # backward pass: decide here (a host read mid-step, on this strategy only)
+            if not self._all_finite(self._nonfinite(terms["loss"])):
+                raise RuntimeError(f"non-finite loss at step {self.global_step} under "
+                                   f"{type(self.trainer.strategy).__name__}: in automatic optimisation its engine "
+                                   "cannot skip a step; set train.gradcache.chunk_size (GradCache skips such steps "
+                                   "on every strategy), lower optimizer.lr, or check the data")
+            return terms["loss"]
+        # Otherwise the decision waits until every backward pass of the step is queued
+        # (`on_before_optimizer_step`): reading the flag here would stall the host until the
+        # device finished the forward pass, with the backward pass not yet enqueued.
+        bad = self._nonfinite(terms["loss"])
+        self._nonfinite_pending = bad if self._nonfinite_pending is None else self._nonfinite_pending + bad
         return terms["loss"]
+
+    def _engine_owns_gradients(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def on_before_optimizer_step(self, optimizer):
+        """Skip the update of a step whose loss was not finite on some rank, in some accumulated
+        micro-batch: its gradients are dropped, so the optimizer leaves every weight and moment
+        as it was (parameters without a gradient are not updated)."""
+        bad, self._nonfinite_pending = self._nonfinite_pending, None
+        if bad is None or self._all_finite(bad):
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t_step is None:

@@ -64,7 +64,12 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
         for lg in logger:
             lg.log_metrics({f"memory/planned_{k}": plan[k] for k in
                             ("peak_gib", "weights_gib", "optimizer_gib", "transient_gib")}, step=0)
-    trainer = build_trainer(cfg, run_dir, logger)
+    callbacks = []
+    if cfg.train.get("sync_audit", 0):
+        from .sync_audit import SyncAuditCallback
+
+        callbacks.append(SyncAuditCallback(cfg.train.sync_audit, run_dir / "sync_audit.json"))
+    trainer = build_trainer(cfg, run_dir, logger, callbacks)
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, run_dir))
@@ -79,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
             "peak_memory_gb": round(peak_memory_gb(), 3),
             "memory_plan": plan,
             "val": {k: round(float(v), 4) for k, v in module.last_val.items()},
-            "last_loss": {k: round(float(v), 4) for k, v in module.last_terms.items()},
+            "last_loss": {k: round(float(v), 4) for k, v in module.last_terms.items()},  # host reads, once
             "bad_rows": getattr(dm, "bad_rows", {}),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }

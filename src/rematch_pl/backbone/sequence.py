@@ -53,10 +53,17 @@ class Packed:
     host_lengths: list[int] = field(default_factory=list)  # `lengths` on the host (no device read)
 
 
+# Set by `rematch_pl.sync_audit.SyncAudit` while it runs: marks what `to_device` returns as a
+# device tensor (on the CPU the copy is the host tensor itself).
+copy_hook = None
+
+
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor on `device` without stalling the host: a CUDA copy from pageable memory waits
     for the work queued on the device, so CUDA copies go from pinned memory, asynchronously."""
     device = torch.device(device)
+    if copy_hook is not None:
+        return copy_hook(t, device)
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -65,9 +65,10 @@ def match_probs(model, queries: list[tuple[str, object]], docs: list[tuple[str, 
         else:
             zq = zd = eq.new_zeros(n, 1)
         logits = model.matching_logits(q_raw, d_raw, d_raw, zq, zd, zd, feats, grids)  # [n, V, vocab]
-        yes_no = logits[..., [head.yes_id, head.no_id]].float()  # [n, V, 2]
-        out.append(yes_no.softmax(-1)[..., 0].mean(-1).cpu())  # [n]
-    return torch.cat(out) if out else torch.zeros(0)
+        # integer indices: a list index would be a synchronous copy to the device
+        yes_no = torch.stack([logits[..., head.yes_id], logits[..., head.no_id]], -1).float()  # [n, V, 2]
+        out.append(yes_no.softmax(-1)[..., 0].mean(-1))  # [n], read back once at the end
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 def rerank_subset(model, eval_set, scores: torch.Tensor, valid: torch.Tensor, candidates: list[list[int]],

@@ -1,0 +1,94 @@
+"""ReMatchModule on a real Lightning run: a step with a non-finite loss changes no weight and no
+optimizer state and is logged; too many in a row stop the run with a message that says what to do."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+
+from rematch_pl.build import CONF_DIR, build_backbone, build_datamodule, build_model, build_module, build_trainer
+from rematch_pl.config import validate
+
+
+class PoisonSteps(Callback):
+    """Makes every float the model returns NaN in the given batches (the loss of any mode, the
+    embeddings of GradCache's first pass), and records what each batch did to the weights.
+    Batches, not steps: a skipped GradCache step does not advance Lightning's global step."""
+
+    def __init__(self, batches):
+        self.batches = set(batches)
+        self.batch = -1
+        self.changed, self.skipped_run, self.opt_steps = {}, {}, {}
+
+    def on_train_start(self, trainer, pl_module):
+        model, orig = pl_module.model, pl_module.model.forward
+        nan = float("nan")
+
+        def forward(*a, **kw):
+            out = orig(*a, **kw)
+            if self.batch in self.batches:
+                out = {k: v * nan if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+            return out
+
+        model.forward = forward
+
+    def _trainable(self, pl_module):
+        return {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if p.requires_grad}
+
+    def _adam_steps(self, trainer):
+        return sorted({float(s["step"]) for s in trainer.optimizers[0].state.values()})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = self._trainable(pl_module)
+        self.batch += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        after = self._trainable(pl_module)
+        self.changed[self.batch] = sum(not torch.equal(after[n], v) for n, v in self._before.items())
+        self.skipped_run[self.batch] = pl_module._nonfinite_run
+        self.opt_steps[self.batch] = self._adam_steps(trainer)
+
+
+def _fit(tmp_path, poison, max_steps, *overrides):
+    """Trainer, module, datamodule and the `PoisonSteps` callback of a tiny run."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=fast", "logger=csv", f"trainer.max_steps={max_steps}",
+                                           "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
+                                           "train.max_nonfinite_steps=3", "optimizer.warmup_steps=0",
+                                           f"paths.output_root={tmp_path}", *overrides])
+    validate(cfg)
+    bb = build_backbone(cfg.backbone)
+    module = build_module(cfg, build_model(cfg, bb), tmp_path)
+    cb = PoisonSteps(poison)
+    trainer = build_trainer(cfg, tmp_path, [], callbacks=[cb])
+    return trainer, module, build_datamodule(cfg, bb.processor), cb
+
+
+@pytest.mark.parametrize("gradcache", [None, 2])
+def test_a_nonfinite_step_changes_nothing_and_is_counted(tmp_path, gradcache):
+    trainer, module, dm, cb = _fit(tmp_path, {2, 3}, 6 - 2 * bool(gradcache),
+                                   f"train.gradcache.chunk_size={gradcache or 'null'}")
+    trainer.fit(module, datamodule=dm)  # without GradCache a skipped step counts towards max_steps
+    assert len(cb.changed) == 6
+    for b in range(6):
+        if b in (2, 3):  # skipped: not one weight, not one Adam step count moved
+            assert cb.changed[b] == 0, b
+            assert cb.opt_steps[b] == cb.opt_steps[b - 1], b
+        else:  # learning: weights move (LoRA's A only once B is non-zero), Adam counts the step
+            assert cb.changed[b] > 0, b
+            assert cb.opt_steps[b] == [float(b + 1 - (2 if b > 3 else 0))], (b, cb.opt_steps)
+    assert [cb.skipped_run[s] for s in range(6)] == [0, 0, 1, 2, 0, 0]
+    logged = trainer.logged_metrics
+    assert "train/nonfinite_skipped" in logged or any(
+        "nonfinite" in k for k in trainer.callback_metrics), sorted(logged)
+    assert math.isfinite(float(module.last_terms["loss"]))
+
+
+@pytest.mark.parametrize("gradcache", [None, 2])
+def test_consecutive_nonfinite_steps_stop_the_run_with_advice(tmp_path, gradcache):
+    trainer, module, dm, cb = _fit(tmp_path, set(range(1, 10)), 10, f"train.gradcache.chunk_size={gradcache or 'null'}")
+    with pytest.raises(RuntimeError, match=r"3 consecutive non-finite losses .*lower optimizer.lr"):
+        trainer.fit(module, datamodule=dm)
+    assert cb.changed[0] > 0 and all(cb.changed[s] == 0 for s in (1, 2))
