@@ -53,6 +53,21 @@ def test_train_suite_runs_the_chosen_variants_and_gradcache_setting():
         suite_train("tiny", "cpu", "fp32", [2], 112, 1, 0, variants=["nope"])
 
 
+def test_train_suite_gradcache_on_covers_every_variant_and_recompute_is_chosen():
+    """`--gradcache on` chunks every variant (feat_feat's ratio is to K=16 without matching at the
+    same chunks); `--recompute on` turns gradient checkpointing on for the tiny shape too."""
+    res = main(["--suite", "train", "--batches", "4", "--chunk", "2", "--iters", "1", "--warmup", "0", "--variants",
+                "baseline,rematch_feat_feat,rematch_no_matching", "--gradcache", "on", "--recompute", "on"])
+    assert res["recompute"] is True
+    assert [(r["variant"], r["gradcache_chunk"]) for r in res["runs"]] == [
+        ("baseline", 2), ("rematch_feat_feat", 2), ("rematch_no_matching", 2)]
+    by = {r["variant"]: r for r in res["runs"]}
+    ff, nm = by["rematch_feat_feat"], by["rematch_no_matching"]
+    assert ff["ratio_to_no_matching"] == pytest.approx(ff["step_s"] / nm["step_s"])
+    assert main(["--suite", "train", "--batches", "2", "--chunk", "0", "--iters", "1", "--warmup", "0",
+                 "--variants", "baseline"])["recompute"] is False
+
+
 def test_shaped_backbone_compiles_the_decoder_layers_on_request():
     """`--compile` builds the backbone as `backbone.compile=true` does (the compiled step's
     equality with the eager one: tests/test_backbone.py)."""

@@ -199,3 +199,40 @@ def test_meta_encode_predicts_the_real_eval_forward_peak(backbone):
     holds the same live bytes as the same forward on real tensors."""
     real, planned = _encode(False, backbone), _encode(True, backbone)
     assert planned == real and real["transient"] > 0 and real["inputs"] > 0
+
+
+def test_auto_gradient_checkpointing_is_off_only_when_the_worst_case_fits(tmp_path):
+    """backbone.gradient_checkpointing=auto: planned without recomputation at the batch's worst
+    case (images at max_pixels); off when that fits the budget, on otherwise or with no budget."""
+    from rematch_pl.memory import check_memory
+
+    base = ["train.memory_check.mode=always", "train.memory_check.reserve_gib=0", "backbone.gradient_checkpointing=auto"]
+    on = check_memory(_cfg(tmp_path, *base[:2], "backbone.gradient_checkpointing=true"))["peak_gib"]
+    off = check_memory(_cfg(tmp_path, *base[:2], "backbone.gradient_checkpointing=false"))["peak_gib"]
+    worst = check_memory(_cfg(tmp_path, *base[:2], "backbone.gradient_checkpointing=false",
+                              "train.memory_check.images=max_pixels"))["peak_gib"]
+    assert on < off < worst  # recomputation saves activations; bigger images cost more
+    roomy = check_memory(_cfg(tmp_path, *base, f"train.memory_check.budget_gib={1.01 * worst}"))
+    assert roomy["gradient_checkpointing"] is False and roomy["no_recompute_worst_case_gib"] == pytest.approx(worst)
+    assert roomy["peak_gib"] == pytest.approx(off)  # the reported plan: the batch as read
+    tight = check_memory(_cfg(tmp_path, *base, f"train.memory_check.budget_gib={0.99 * worst}"))
+    assert tight["gradient_checkpointing"] is True and tight["peak_gib"] == pytest.approx(on)  # even if `off` fits
+    unknown = check_memory(_cfg(tmp_path, *base))  # no device, no budget_gib
+    assert unknown["gradient_checkpointing"] is True and unknown["no_recompute_worst_case_gib"] is None
+    with pytest.raises(ValueError, match="backbone.gradient_checkpointing"):
+        from rematch_pl.config import validate
+
+        validate(_cfg(tmp_path, "backbone.gradient_checkpointing=sometimes"))
+
+
+@pytest.mark.parametrize("budget,expected", [(100, False), (None, True)])
+def test_training_runs_with_the_plans_gradient_checkpointing_choice(tmp_path, budget, expected):
+    from rematch_pl.train import run
+
+    cfg = _cfg(tmp_path, "debug=fast", "logger=csv", "trainer.max_steps=1", "trainer.limit_val_batches=0",
+               "save_adapter=false", "backbone.gradient_checkpointing=auto",
+               *(["train.memory_check.mode=always", f"train.memory_check.budget_gib={budget}"] if budget else []))
+    summary = run(cfg, tmp_path / "run")
+    assert summary["steps"] == 1
+    assert summary["config"]["backbone"]["gradient_checkpointing"] is expected  # resolved, as logged
+    assert (summary["memory_plan"] or {}).get("gradient_checkpointing", True) is expected

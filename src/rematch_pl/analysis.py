@@ -128,7 +128,7 @@ def load_run(run_dir: str | os.PathLike, attn_implementation: str | None = None,
     if attn_implementation:
         cfg.backbone.attn_implementation = attn_implementation
     torch.manual_seed(0)
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, gradient_checkpointing=False)  # inference
     model = build_model(cfg, backbone)
     if trained:
         load_trainable(model, run_dir / "adapter")

@@ -50,17 +50,19 @@ SHAPES = {
 
 
 def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_compute: str = "backbone",
-                    compile: bool = False, lora_fused: bool = True, fused_norm: bool = True) -> Backbone:
+                    compile: bool = False, lora_fused: bool = True, fused_norm: bool = True,
+                    recompute: bool | None = None) -> Backbone:
     """A tiny backbone, or a real-size one built from config with the tiny tokenizer.
 
     `compile`: each decoder layer and vision block through `torch.compile`, as `backbone.compile=true` does.
     `lora_fused`: the LoRA scaling and add in the B product's epilogue (`backbone.lora.fused`).
-    `fused_norm`: RMSNorms as one `F.rms_norm` (`backbone.fused_rms_norm`)."""
+    `fused_norm`: RMSNorms as one `F.rms_norm` (`backbone.fused_rms_norm`). `recompute`:
+    gradient checkpointing (`backbone.gradient_checkpointing`); None: on for 2b/7b, off for tiny."""
     if shape == "tiny":
         bb = load_backbone("tiny://qwen2vl", dtype=dtype,
                            lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "compute_dtype": lora_compute,
                                  "fused": lora_fused},
-                           compile=compile, fused_rms_norm=fused_norm)
+                           compile=compile, fused_rms_norm=fused_norm, gradient_checkpointing=bool(recompute))
         return bb.to(device)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
@@ -92,7 +94,8 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
                                              target_modules=lora_target_regex(LLM_LINEAR)))
     if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
         lora_in_activation_dtype(model, fused=lora_fused)
-    enable_recompute(model.get_base_model())
+    if recompute is None or recompute:
+        enable_recompute(model.get_base_model())
     bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random")
     if compile:
         compile_backbone(bb)
@@ -282,13 +285,14 @@ def pick_variants(variants: list[str] | None) -> dict:
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
                 chunk: int, lora_compute: str = "backbone", variants: list[str] | None = None,
                 gradcache: str = "both", compile: bool = False, warmup: int = 1, lora_fused: bool = True,
-                fused_norm: bool = True) -> dict:
+                fused_norm: bool = True, recompute: bool | None = None) -> dict:
     """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache.
 
     `variants`: the `VARIANTS` to run (default all). `compile`: decoder layers compiled
-    (`backbone.compile`); `warmup` untimed steps per run absorb the compilation. `gradcache` (batches above `chunk`, baseline
-    and full ReMatch): ``both`` runs each with and without GradCache, ``on`` only with, ``off``
-    only without. A variant's ratio is to the baseline at the same batch and GradCache setting.
+    (`backbone.compile`); `warmup` untimed steps per run absorb the compilation. `gradcache` (batches above
+    `chunk`): ``both`` runs the baseline and full ReMatch with and without GradCache (the other
+    variants without), ``on`` every variant with it, ``off`` every variant without.
+    A variant's ratio is to the baseline at the same batch and GradCache setting.
     """
     chosen = pick_variants(variants)
     if gradcache not in ("both", "on", "off"):
@@ -297,16 +301,16 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
 
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute, compile=compile, lora_fused=lora_fused,
-                         fused_norm=fused_norm)
+                         fused_norm=fused_norm, recompute=recompute)
     peak = matmul_peak_tflops(device)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "lora_fused": lora_fused,
-           "fused_norm": fused_norm, "compile": compile, "runs": []}
+           "fused_norm": fused_norm, "compile": compile, "recompute": recompute_enabled(bb.hf), "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
         for name, kw in chosen.items():
             gcs = [None]
-            if chunk and B > chunk and name in ("baseline", "rematch"):
+            if chunk and B > chunk and (gradcache == "on" or name in ("baseline", "rematch")):
                 gcs = {"both": [None, chunk], "on": [chunk], "off": [None]}[gradcache]
             for gc in gcs:
                 model = ReMatchModel(bb, **kw).to(device).train()
@@ -354,15 +358,16 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                 print(_fmt_row(row), flush=True)
                 del model, opt
     base = {(r["batch"], r["gradcache_chunk"]): r for r in res["runs"] if r["variant"] == "baseline" and "step_s" in r}
-    nm = {r["batch"]: r for r in res["runs"] if r["variant"] == "rematch_no_matching" and "step_s" in r}
+    nm = {(r["batch"], r["gradcache_chunk"]): r for r in res["runs"]
+          if r["variant"] == "rematch_no_matching" and "step_s" in r}
     for r in res["runs"]:
         key = (r["batch"], r["gradcache_chunk"])
         if key not in base:  # the variants without a GradCache run: to the plain baseline
             key = (r["batch"], None)
         if "step_s" in r and key in base:
             r["ratio_to_baseline"] = r["step_s"] / base[key]["step_s"]
-        if "step_s" in r and r["batch"] in nm and r["variant"] == "rematch_feat_feat":
-            r["ratio_to_no_matching"] = r["step_s"] / nm[r["batch"]]["step_s"]
+        if "step_s" in r and key in nm and r["variant"] == "rematch_feat_feat":
+            r["ratio_to_no_matching"] = r["step_s"] / nm[key]["step_s"]
     return res
 
 
@@ -601,11 +606,11 @@ def profile_step(run, device: str, top: int = 12) -> dict:
 
 
 def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int,
-                  variants: list[str] | None = None) -> dict:
+                  variants: list[str] | None = None, recompute: bool | None = None) -> dict:
     """`profile_step` of one training step of each variant in `VARIANTS` (or `variants`) on the same batch."""
     chosen = pick_variants(variants)
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, device, dtype)
+    bb = shaped_backbone(shape, device, dtype, recompute=recompute)
     batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "batch": B, "image_size": image_size, "runs": {}}
@@ -630,25 +635,27 @@ def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int,
     return res
 
 
-def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0) -> dict:
+def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0, recompute: bool | None = None) -> dict:
     """FLOPs per training step of each variant in `VARIANTS` for a 2B/7B shape, no device needed.
 
     The token layout (template, K tokens, the matching pass's segments, image tokens) does not
     depend on the model's width: the tiny model is run on the inputs the real-size processor makes
     (MMEB-like 448 px images), its token counts are then priced with the real shape's parameter
-    counts (`step_flops`, a parameter-free copy on the meta device, gradient checkpointing on).
+    counts (`step_flops`, a parameter-free copy on the meta device, gradient checkpointing as
+    `recompute` says: on by default).
     """
     from .backbone.processor import MultimodalProcessor
     from .backbone.tiny import resolve_tiny
 
     torch.manual_seed(0)
-    big = shaped_backbone(shape, "meta", "bf16")  # parameter counts only
+    big = shaped_backbone(shape, "meta", "bf16", recompute=recompute)  # parameter counts only
     tiny = shaped_backbone("tiny", "cpu", "fp32")
     lo, hi = big.processor.pixel_range
     tiny.processor = MultimodalProcessor.from_pretrained(resolve_tiny("qwen2vl"), min_pixels=lo, max_pixels=hi)
     batch = make_batch(tiny.processor, B, image_size, "cpu")
     patches = batch["image_grid_thw"].prod(-1).tolist()
-    res = {"shape": shape, "batch": B, "image_size": image_size, "gradcache_chunk": chunk or None, "runs": {}}
+    res = {"shape": shape, "batch": B, "image_size": image_size, "gradcache_chunk": chunk or None,
+           "recompute": recompute_enabled(big.hf), "runs": {}}
     for name, kw in VARIANTS.items():
         model = ReMatchModel(tiny, **kw).eval()
         model.reset_counts()
@@ -669,13 +676,13 @@ def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0) -> dict:
                            f"x{r['ratio_to_no_matching']:.2f} K=16 no matching  "
                            f"({r['embed_tokens']} embedding + {r['match_tokens']} matching tokens)"))
     print_rows(f"bench flops: Qwen2-VL-{shape} shape, batch {B} triples, {image_size} px images, "
-               f"gradient checkpointing{', GradCache' if chunk else ''}", rows)
+               f"gradient checkpointing {'on' if res['recompute'] else 'off'}{', GradCache' if chunk else ''}", rows)
     return res
 
 
 def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gpu_gib: float, reserve_gib: float,
                  search_limit: int = 0, dtype: str = "bf16", target: str = "cuda",
-                 lora_compute: str = "backbone") -> dict:
+                 lora_compute: str = "backbone", recompute: bool | None = None) -> dict:
     """Predicted peak memory of one training step of each variant, no device needed.
 
     The real-size model is built on meta and the step runs there (`memory.step_memory`): the
@@ -684,15 +691,17 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
     A batch fits when its peak is at most `gpu_gib - reserve_gib` (the reserve is for the CUDA
     context, kernel workspaces and fragmentation). `search_limit` > 0: also the largest batch
     that fits for the baseline and full ReMatch, with and without GradCache. `lora_compute`:
-    the LoRA branch's dtype (`backbone.lora.compute_dtype`).
+    the LoRA branch's dtype (`backbone.lora.compute_dtype`); `recompute`: gradient checkpointing
+    (None: on for 2b/7b, off for tiny).
     """
     from .memory import GiB, meta_copy, plan_step
 
     torch.manual_seed(0)
-    bb = (shaped_backbone(shape, "meta", dtype, lora_compute=lora_compute) if shape != "tiny"
-          else meta_copy(shaped_backbone("tiny", "cpu", dtype, lora_compute=lora_compute)))
+    bb = (shaped_backbone(shape, "meta", dtype, lora_compute=lora_compute, recompute=recompute) if shape != "tiny"
+          else meta_copy(shaped_backbone("tiny", "cpu", dtype, lora_compute=lora_compute, recompute=recompute)))
     budget = gpu_gib - reserve_gib
-    res = {"shape": shape, "dtype": dtype, "lora_compute": lora_compute, "target": target, "image_size": image_size,
+    res = {"shape": shape, "dtype": dtype, "lora_compute": lora_compute, "recompute": recompute_enabled(bb.hf),
+           "target": target, "image_size": image_size,
            "gpu_gib": gpu_gib, "reserve_gib": reserve_gib, "runs": [], "largest_batch": []}
     seen: dict[tuple, dict] = {}
 
@@ -713,7 +722,8 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
                 f"{r['weights_gib']:6.2f}  optimizer {r['optimizer_gib']:5.2f}  activations+grads "
                 f"{r['transient_gib']:6.2f}  peak {r['peak_gib']:6.2f} GiB  {'fits' if r['fits'] else 'DOES NOT FIT'}")
 
-    print(f"\nbench memory: Qwen2-VL-{shape} shape, {dtype} weights, LoRA branch {lora_compute}, {image_size} px "
+    print(f"\nbench memory: Qwen2-VL-{shape} shape, {dtype} weights, LoRA branch {lora_compute}, gradient "
+          f"checkpointing {'on' if res['recompute'] else 'off'}, {image_size} px "
           f"images, predicted for {target} (budget {gpu_gib:g} - {reserve_gib:g} GiB reserve = {budget:g} GiB)", flush=True)
     for B in batches:
         for name in VARIANTS:
@@ -796,9 +806,13 @@ def main(argv=None) -> dict:
                     help="--suite train, batches above --chunk: baseline and full ReMatch with and/or without GradCache")
     ap.add_argument("--compile", action="store_true",
                     help="--suite train: torch.compile each decoder layer and vision block (backbone.compile=true)")
+    ap.add_argument("--recompute", choices=["on", "off"], default=None,
+                    help="--suite train | memory | profile | flops: gradient checkpointing (default: on for 2b/7b, "
+                         "off for tiny; backbone.gradient_checkpointing)")
     ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    recompute = None if a.recompute is None else a.recompute == "on"
     variants = a.variants.split(",") if a.variants else None
     try:
         pick_variants(variants)
@@ -817,14 +831,15 @@ def main(argv=None) -> dict:
 
         res = suite_syncs(batch_size=min(a.batch, 8), image_size=a.image_size or 112, chunk=max(a.chunk, 1))
     elif a.suite == "flops":
-        res = suite_flops("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, a.chunk)
+        res = suite_flops("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, a.chunk,
+                          recompute=recompute)
     elif a.suite == "memory":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         res = suite_memory(a.shape, image_size, batches, a.chunk, a.gpu_gib, a.reserve_gib, a.search,
-                           a.dtype or "bf16", lora_compute=a.lora_compute)
+                           a.dtype or "bf16", lora_compute=a.lora_compute, recompute=recompute)
     elif a.suite == "profile":
         print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
-        res = suite_profile(a.shape, a.device, dtype, a.batch, image_size, variants)
+        res = suite_profile(a.shape, a.device, dtype, a.batch, image_size, variants, recompute=recompute)
     elif a.suite == "lora":
         res = suite_lora(a.shape, a.device, dtype, a.tokens, a.iters)
     elif a.suite == "vision":
@@ -837,7 +852,7 @@ def main(argv=None) -> dict:
         print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}" + (" compiled" if a.compile else ""))
         res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute,
                           variants, a.gradcache, a.compile, a.warmup, lora_fused=not a.lora_unfused,
-                          fused_norm=not a.norm_unfused)
+                          fused_norm=not a.norm_unfused, recompute=recompute)
         for r in res["runs"]:
             if "ratio_to_baseline" in r:
                 print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "

@@ -22,11 +22,17 @@ if not CONF_DIR.exists():  # source checkout: conf/ at the top level
     CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def build_backbone(b: DictConfig, meta: bool = False) -> Backbone:
-    """The configured backbone; `meta`: built from its config on the meta device (memory planning)."""
+def build_backbone(b: DictConfig, meta: bool = False, gradient_checkpointing: bool | None = None) -> Backbone:
+    """The configured backbone; `meta`: built from its config on the meta device (memory planning).
+    `gradient_checkpointing` overrides `b.gradient_checkpointing` (which must be a bool by now:
+    `auto` is resolved by `memory.check_memory`, see `train.run`)."""
+    recompute = b.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    if not isinstance(recompute, bool):
+        raise ValueError(f"backbone.gradient_checkpointing={recompute!r}: expected true or false here "
+                         "(auto is resolved by the memory plan before the backbone is built)")
     return load_backbone(
         path=b.path, dtype=b.dtype, attn_implementation=b.attn_implementation,
-        gradient_checkpointing=b.gradient_checkpointing, min_pixels=b.min_pixels, max_pixels=b.max_pixels,
+        gradient_checkpointing=recompute, min_pixels=b.min_pixels, max_pixels=b.max_pixels,
         lora=OmegaConf.to_container(b.lora, resolve=True), revision=b.get("revision"),
         compile=b.get("compile", False) and not meta, meta=meta, fused_rms_norm=b.get("fused_rms_norm", True),
     )

@@ -36,6 +36,8 @@ def validate(cfg: DictConfig) -> None:
     _check(b.min_pixels is None or b.max_pixels is None or b.min_pixels <= b.max_pixels, "backbone.min_pixels",
            b.min_pixels, f"<= backbone.max_pixels ({b.max_pixels})")
     _check(isinstance(b.get("compile", False), bool), "backbone.compile", b.get("compile"), "true | false")
+    _check(b.gradient_checkpointing in (True, False, "auto"), "backbone.gradient_checkpointing",
+           b.gradient_checkpointing, "true | false | auto (off when the memory plan's worst case fits)")
     _check(isinstance(b.get("fused_rms_norm", True), bool), "backbone.fused_rms_norm", b.get("fused_rms_norm"),
            "true | false")
     _check(int(b.lora.r) > 0, "backbone.lora.r", b.lora.r, "a positive integer")

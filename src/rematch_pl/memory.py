@@ -286,6 +286,10 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
     `MemoryPlanError` names the planned peak and the largest GradCache chunk that fits (for a
     sharded strategy the plan counts weights and optimizer states whole, an upper bound: it warns
     instead). `target`: whose attention kernels are planned ("cpu" to compare with a CPU run).
+    `backbone.gradient_checkpointing=auto`: the step is first planned without recomputation at
+    its worst case (every image of the batch at max_pixels, whatever `images` says); if that fits
+    the budget recomputation stays off (a third fewer language-model FLOPs per step), else it is
+    on; with no budget known it is on. The choice is the plan's ``gradient_checkpointing``.
     Returns the plan (GiB figures), or None when skipped.
     """
     from .build import build_backbone, build_model
@@ -300,30 +304,43 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
     if "mixed" in str(cfg.trainer.precision) and cfg.backbone.dtype in ("fp32", "float32"):
         log.warning(f"memory plan: trainer.precision={cfg.trainer.precision} is not replayed on meta (no autocast): "
                     "activations are planned in backbone.dtype=fp32, an overestimate")
-    backbone = build_backbone(cfg.backbone, meta=True)
-    batch = _first_batch(cfg, backbone.processor, mc.images)
+    setting = cfg.backbone.gradient_checkpointing
     chunk = cfg.train.gradcache.chunk_size
-    B = batch["qry"]["ids"].shape[0]
 
-    def planned(c: int | None) -> dict:
+    def planned(bb, batch, c: int | None) -> dict:
         torch.manual_seed(cfg.seed)
-        return plan_step(meta_copy(build_model(cfg, backbone)).train(), batch, c, target)
+        return plan_step(meta_copy(build_model(cfg, bb)).train(), batch, c, target)
 
-    r = planned(chunk)
+    recompute, probe = setting, None
+    if setting == "auto":
+        recompute = True
+        if budget is not None:  # off if the worst case of this batch fits without it
+            backbone = build_backbone(cfg.backbone, meta=True, gradient_checkpointing=False)
+            worst = _first_batch(cfg, backbone.processor, "max_pixels")
+            probe = planned(backbone, worst, chunk)["peak"] / GiB
+            recompute = probe > budget
+            log.info(f"memory plan: without gradient checkpointing the step would peak at {probe:.2f} GiB with every "
+                     f"image at max_pixels, {'over' if recompute else 'within'} the {budget:.1f} GiB budget: "
+                     f"gradient checkpointing {'on' if recompute else 'off'}")
+    backbone = build_backbone(cfg.backbone, meta=True, gradient_checkpointing=recompute)
+    batch = _first_batch(cfg, backbone.processor, mc.images)
+    B = batch["qry"]["ids"].shape[0]
+    r = planned(backbone, batch, chunk)
     plan = {"batch": B, "gradcache_chunk": chunk, "images": mc.images, "image_tokens": _image_tokens(batch, backbone),
-            "budget_gib": budget, "device_gib": device_gib,
-            **{f"{k}_gib": v / GiB for k, v in r.items()}}
+            "budget_gib": budget, "device_gib": device_gib, "gradient_checkpointing": recompute,
+            "gradient_checkpointing_setting": setting, "no_recompute_worst_case_gib": probe, **{f"{k}_gib": v / GiB for k, v in r.items()}}
     plan["fits"] = None if budget is None else plan["peak_gib"] <= budget
     verdict = ("" if budget is None else f" of a {budget:.1f} GiB budget ({total:.1f} - {mc.reserve_gib:g} reserved)")
     log.info(f"memory plan: batch {B} ({plan['image_tokens']} image tokens, images {mc.images}), GradCache chunk "
-             f"{chunk}: peak {plan['peak_gib']:.2f} GiB{verdict} (weights "
+             f"{chunk}, gradient checkpointing {'on' if recompute else 'off'}"
+             f"{' (auto)' if setting == 'auto' else ''}: peak {plan['peak_gib']:.2f} GiB{verdict} (weights "
              f"{plan['weights_gib']:.2f}, optimizer {plan['optimizer_gib']:.2f}, activations and gradients "
              f"{plan['transient_gib']:.2f})")
     if plan["fits"] is False:
         fix = "a smaller data.batch_size"
         c = min(chunk or B, B) // 2
         while c >= 1:
-            peak = planned(c)["peak"] / GiB
+            peak = planned(backbone, batch, c)["peak"] / GiB
             if peak <= budget:
                 plan["suggested_chunk"] = c
                 fix = f"train.gradcache.chunk_size={c} (planned {peak:.1f} GiB) or {fix}"

@@ -51,6 +51,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
     plan = check_memory(cfg)  # before any weight is read: an over-budget step fails here, not at step N
     if plan is not None:
         (run_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2))
+    if cfg.backbone.gradient_checkpointing == "auto":  # the plan's choice; with no plan, recompute
+        cfg.backbone.gradient_checkpointing = bool(plan["gradient_checkpointing"]) if plan else True
+        log.info(f"backbone.gradient_checkpointing=auto -> {cfg.backbone.gradient_checkpointing}"
+                 + ("" if plan else " (no memory plan: train.memory_check plans on a CUDA device)"))
     if cfg.train.memory_check.mode == "only":
         print_plan(plan, run_dir)
         return {"run_name": run_name, "run_dir": str(run_dir), "steps": 0, "val": {}, "memory_plan": plan}
