@@ -92,3 +92,57 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_advice(tmp_path, gradcach
     with pytest.raises(RuntimeError, match=r"3 consecutive non-finite losses .*lower optimizer.lr"):
         trainer.fit(module, datamodule=dm)
     assert cb.changed[0] > 0 and all(cb.changed[s] == 0 for s in (1, 2))
+
+
+def _train_with_nan(run_dir, nan: str, *overrides, deepspeed: bool = False):
+    """The entry point on 2 CPU processes with the model's outputs poisoned on one rank
+    (tests/nan_on_rank.py); returns the finished process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", REMATCH_NAN=nan,
+               **({"REMATCH_NAN_DEEPSPEED": "1"} if deepspeed else {}))
+    cmd = [sys.executable, str(Path(__file__).parent / "nan_on_rank.py"), f"hydra.run.dir={run_dir}", "debug=fast",
+           "logger=csv", "data.batch_size=4", "trainer.devices=2", "trainer.log_every_n_steps=1",
+           "trainer.limit_val_batches=0", "trainer.max_steps=4", "optimizer.scheduler=constant",
+           "trainer.accelerator=auto" if deepspeed else "trainer.accelerator=cpu", *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(run_dir).parent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gradcache", [None, 2])
+def test_ddp_ranks_skip_together_when_one_rank_is_not_finite(tmp_path, gradcache):
+    """Rank 1's loss is NaN in its third batch: rank 0 skips that step too (it logs the skip; its
+    own loss is finite without GradCache, while GradCache's loss is over the gathered embeddings),
+    the ranks stay in step (the run ends, no hang) and AdamW counts one step fewer than the
+    batches trained."""
+    from rematch_pl.history import read_history
+
+    run = tmp_path / "run"
+    res = _train_with_nan(run, "1:2", "strategy=ddp", f"train.gradcache.chunk_size={gradcache or 'null'}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = read_history(run)
+    skipped = [r["train/nonfinite_skipped"] for r in rows if "train/nonfinite_skipped" in r]
+    assert sorted(skipped) == [0.0] * (len(skipped) - 1) + [1.0], skipped  # by rank 0, whose loss was finite
+    finite = [math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r]  # rank 0's
+    assert finite.count(False) == (1 if gradcache else 0), finite
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    adam = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    batches = 4 + (1 if gradcache else 0)  # a skipped GradCache step does not count towards max_steps
+    assert adam == {float(batches - 1)}, adam
+
+
+@pytest.mark.slow
+def test_deepspeed_stops_on_a_nonfinite_loss_with_advice(tmp_path):
+    """Lightning cannot skip DeepSpeed's backward pass in automatic optimisation: the run stops at
+    once, saying to use GradCache (which skips the step, on DeepSpeed too)."""
+    pytest.importorskip("deepspeed")
+    res = _train_with_nan(tmp_path / "ds", "0:1", "strategy=deepspeed_zero2", deepspeed=True)
+    assert res.returncode != 0
+    assert "non-finite loss at step 1 under DeepSpeedStrategy" in res.stderr + res.stdout
+    assert "train.gradcache.chunk_size" in res.stderr + res.stdout
+    gc = _train_with_nan(tmp_path / "ds_gc", "0:1", "strategy=deepspeed_zero2", "train.gradcache.chunk_size=2",
+                         deepspeed=True)
+    assert gc.returncode == 0, gc.stderr[-4000:]

@@ -104,14 +104,16 @@ class ReMatchModule(L.LightningModule):
 
     def _all_finite(self, bad: torch.Tensor) -> bool:
         """True when no rank counted a non-finite loss in `bad` (all ranks skip a step together).
-        The step's one read of a device value on the host."""
+        The step's one read of a device value on the host. Logs ``train/nonfinite_skipped`` every
+        step: the skipped steps in a row up to this one (0: this step's update was applied)."""
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if float(bad) == 0:
-            self._nonfinite_run = 0
+        finite = float(bad) == 0
+        self._nonfinite_run = 0 if finite else self._nonfinite_run + 1
+        # made on the device (a fill): a Python float would be copied there by `self.log`
+        self.log("train/nonfinite_skipped", bad.new_full((), float(self._nonfinite_run)), batch_size=1)
+        if finite:
             return True
-        self._nonfinite_run += 1
-        self.log("train/nonfinite_skipped", float(self._nonfinite_run), batch_size=1)
         log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self._nonfinite_run)
         if self._nonfinite_run >= self.max_nonfinite_steps:
             raise RuntimeError(f"{self._nonfinite_run} consecutive non-finite losses (last at step {self.global_step}): "
