@@ -3,6 +3,8 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from rematch_pl.bench.common import collate_side
+
 KINDS = ["qwen2vl", "qwen25vl"]
 
 
@@ -15,13 +17,7 @@ def make_backbone(kind: str, lora: bool = True, r: int = 8):
 
 def side_batch(processor, texts, images_idx, grids, max_length=None):
     """Collate contents by hand (independent of the data package)."""
-    ids = [processor.encode_content(t, None if i < 0 else processor.num_image_tokens(grids[i]), max_length)
-           for t, i in zip(texts, images_idx)]
-    L = max(map(len, ids))
-    out = torch.full((len(ids), L), processor.pad_id)
-    for j, x in enumerate(ids):
-        out[j, : len(x)] = torch.tensor(x)
-    return {"ids": out, "lengths": torch.tensor([len(x) for x in ids]), "image": torch.tensor(images_idx)}
+    return collate_side(processor, texts, images_idx, grids, max_length)
 
 
 def triple_batch(processor, n_neg: int = 1, seed: int = 0):
