@@ -328,7 +328,8 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
     r = planned(backbone, batch, chunk)
     plan = {"batch": B, "gradcache_chunk": chunk, "images": mc.images, "image_tokens": _image_tokens(batch, backbone),
             "budget_gib": budget, "device_gib": device_gib, "gradient_checkpointing": recompute,
-            "gradient_checkpointing_setting": setting, "no_recompute_worst_case_gib": probe, **{f"{k}_gib": v / GiB for k, v in r.items()}}
+            "gradient_checkpointing_setting": setting, "no_recompute_worst_case_gib": probe,
+            **{f"{k}_gib": v / GiB for k, v in r.items()}}
     plan["fits"] = None if budget is None else plan["peak_gib"] <= budget
     verdict = ("" if budget is None else f" of a {budget:.1f} GiB budget ({total:.1f} - {mc.reserve_gib:g} reserved)")
     log.info(f"memory plan: batch {B} ({plan['image_tokens']} image tokens, images {mc.images}), GradCache chunk "
