@@ -119,22 +119,26 @@ def test_each_loss_term_reaches_lora_tokens_projector(term):
         assert not nonzero("projector")
 
 
+def _qdm_step(model, batch) -> dict:
+    """The matching loss of one step (fixed slot draws), its token counts and every gradient."""
+    torch.manual_seed(3)
+    model.zero_grad(set_to_none=True)
+    model.reset_counts()
+    terms = model(batch)
+    terms["loss_qdm"].backward()
+    return {"loss": terms["loss_qdm"].detach(), "counts": model.reset_counts(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
 @pytest.mark.parametrize("views", ["all", "feat_feat", "raw_raw"])
 def test_shared_prefix_rows_equal_one_instance_per_row(views):
     """Instances sharing one P per row give the logits and the gradients of rows of their own."""
     model, batch, _, _ = _setup("qwen2vl", views=views)
     model.train()
-    shared, alone = {}, {}
-    for budget, out in ((4096, shared), (0, alone)):
-        model.matching_row_tokens = budget
-        torch.manual_seed(3)  # same slot draws
-        model.zero_grad(set_to_none=True)
-        model.reset_counts()
-        terms = model(batch)
-        terms["loss_qdm"].backward()
-        out["loss"] = terms["loss_qdm"].detach()
-        out["counts"] = model.reset_counts()
-        out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.matching_row_tokens = 4096
+    shared = _qdm_step(model, batch)
+    model.matching_row_tokens = 0
+    alone = _qdm_step(model, batch)
     torch.testing.assert_close(shared["loss"], alone["loss"], atol=1e-6, rtol=1e-6)
     assert shared["grads"].keys() == alone["grads"].keys() and shared["grads"]
     for n, g in alone["grads"].items():
@@ -166,3 +170,25 @@ def test_negative_row_budget_is_refused():
     bb = make_backbone("qwen2vl")
     with pytest.raises(ValueError, match="matching.row_tokens"):
         ReMatchModel(bb, k=4, matching="all", matching_row_tokens=-1)
+
+
+@pytest.mark.parametrize("views", ["all", "feat_feat"])
+def test_length_bucketed_matching_rows_equal_one_padded_pass(views):
+    """Matching rows run in buckets of similar length (`embedding.bucket_pass_tokens`): the loss
+    and every gradient equal one pass over all rows padded to the longest, with less padding."""
+    model, batch, _, _ = _setup("qwen2vl", views=views)
+    model.train()
+    model.matching_row_tokens = 0  # one instance per row: rows of different lengths
+    out = {}
+    for pass_tokens in (0, float("inf")):
+        model.bucket_pass_tokens = pass_tokens
+        r = _qdm_step(model, batch)
+        out[pass_tokens] = (r["loss"], r["counts"], r["grads"])
+    (lb, cb, gb), (l1, c1, g1) = out[0], out[float("inf")]
+    torch.testing.assert_close(lb, l1, atol=1e-6, rtol=1e-6)
+    assert gb.keys() == g1.keys() and gb
+    for n, g in g1.items():
+        torch.testing.assert_close(gb[n], g, atol=1e-6, rtol=1e-4, msg=n)
+    assert cb["match"] == c1["match"] and cb["match_padded"] == cb["match"]  # pass_tokens=0: no padding
+    if views == "all":  # raw documents: image and text rows of different lengths
+        assert cb["match_padded"] < c1["match_padded"]

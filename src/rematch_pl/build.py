@@ -43,6 +43,7 @@ def build_model(cfg: DictConfig, backbone: Backbone) -> ReMatchModel:
         backbone, k=cfg.fusion.k, token_sets=cfg.fusion.sets, matching=cfg.matching.views,
         matching_feature=cfg.matching.feature, projector_ratio=cfg.matching.projector_ratio,
         matching_row_tokens=cfg.matching.get("row_tokens", 1024),
+        bucket_pass_tokens=cfg.embedding.get("bucket_pass_tokens", 2048),
         template=cfg.embedding.template, temperature=cfg.loss.temperature, w_orth=cfg.loss.w_orth,
         w_qdm=cfg.loss.w_qdm, orthogonality=cfg.fusion.orthogonality,
     )

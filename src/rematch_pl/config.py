@@ -53,6 +53,9 @@ def validate(cfg: DictConfig) -> None:
     _check(not (m.feature == "tokens" and f.k == 0), "matching.feature", m.feature,
            "'fused' when fusion.k=0 (there are no token states to project)")
     _check(cfg.embedding.template in ("plain", "chat"), "embedding.template", cfg.embedding.template, "plain | chat")
+    bpt = cfg.embedding.get("bucket_pass_tokens", 2048)
+    _check(isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and bpt >= 0, "embedding.bucket_pass_tokens",
+           bpt, "a number >= 0 (token equivalents of one more backbone pass)")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
     _check(lo.w_orth >= 0, "loss.w_orth", lo.w_orth, ">= 0")
     _check(lo.w_qdm >= 0, "loss.w_qdm", lo.w_qdm, ">= 0")

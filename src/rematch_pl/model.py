@@ -6,8 +6,10 @@ Everything a training step computes runs inside `ReMatchModel.forward`, so shard
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.profiler import record_function
@@ -35,7 +37,7 @@ class ReMatchModel(nn.Module):
         w_orth: float = 0.5,
         w_qdm: float = 0.1,
         orthogonality: bool = True,
-        max_padding: float = 0.25,
+        bucket_pass_tokens: float = 2048,
         matching_row_tokens: int = 1024,
     ):
         super().__init__()
@@ -56,7 +58,9 @@ class ReMatchModel(nn.Module):
                 marker_init = emb.mean(0, keepdim=True).repeat(2, 1) + emb.std() * noise
             self.matching = MatchingHead(backbone.processor, backbone.hidden_size, matching, matching_feature,
                                          projector_ratio, marker_init)
-        self.max_padding = max_padding  # embedding passes: bucket rows by length (see length_buckets)
+        if bucket_pass_tokens < 0:
+            raise ValueError(f"embedding.bucket_pass_tokens={bucket_pass_tokens}: expected >= 0")
+        self.bucket_pass_tokens = bucket_pass_tokens  # embedding passes: rows bucketed by length (length_buckets)
         if matching_row_tokens < 0:
             raise ValueError(f"matching.row_tokens={matching_row_tokens}: expected >= 0 (0: one instance per row)")
         self.matching_row_tokens = matching_row_tokens  # matching rows share one prompt prefix up to this size
@@ -116,9 +120,9 @@ class ReMatchModel(nn.Module):
         bb = self.backbone
         lengths = [n_tokens(r[0].parts) for r in rows]
         states = [None] * len(rows)
-        buckets = length_buckets(lengths, self.max_padding)
+        buckets = length_buckets(lengths, self.bucket_pass_tokens)
         if self.max_over_ranks is not None:
-            buckets = length_buckets(lengths, self.max_padding, min_buckets=self.max_over_ranks(len(buckets)))
+            buckets = length_buckets(lengths, self.bucket_pass_tokens, min_buckets=self.max_over_ranks(len(buckets)))
         for bucket in buckets:
             packed = build_inputs([rows[i] for i in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
                                   bb.processor.pad_id, bb.merge)
@@ -152,21 +156,41 @@ class ReMatchModel(nn.Module):
 
     # ------------------------------------------------------------------ matching pass
     def matching_logits(self, q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids, isolate: int | None = None):
-        """Yes/No-position logits [B, V, vocab] of the packed (or one isolated) matching pass."""
+        """Yes/No-position logits [B, V, vocab] of the packed (or one isolated) matching pass.
+
+        The packed rows (`MatchingHead.share_prefix`) run in buckets of similar length, as the
+        embedding passes do (`length_buckets`): an instance whose documents are short text is
+        not padded to one holding images. Rows are independent, so the answers are unchanged."""
         head, bb = self.matching, self.backbone
         grids = grid_rows(grids)  # host lists, read once
         instances = [head.instance_segments(q_raw[b], zq[b], {1: d1_raw[b], 2: d2_raw[b]}, {1: zd1[b], 2: zd2[b]},
                                             bb.image_token_id, grids, bb.merge, isolate=isolate)
                      for b in range(len(q_raw))]
         rows, owners = head.share_prefix(instances, self.matching_row_tokens if isolate is None else 0)
-        packed = build_inputs(rows, bb.embed_tokens, feats, grids, bb.image_token_id, bb.processor.pad_id, bb.merge)
-        self._count("match", packed)
         views = head.views if isolate is None else [head.views[isolate]]
-        mask = unified_mask(packed.segment_ids if isolate is None else _retag(packed.segment_ids, isolate),
-                            views, packed.inputs_embeds.dtype)
-        hidden = bb(packed, mask)  # [rows, L, d]
-        row, pos = head.answer_positions(packed.vector_index, owners, len(views))  # [B], [B, V]
-        h = hidden[to_device(row, hidden.device).unsqueeze(1), to_device(pos, hidden.device)]  # [B, V, d]
+        lengths = [sum(n_tokens(s.parts) for s in row) for row in rows]
+        buckets = length_buckets(lengths, self.bucket_pass_tokens)
+        if self.max_over_ranks is not None:  # sharded training: every rank runs as many passes
+            buckets = length_buckets(lengths, self.bucket_pass_tokens, min_buckets=self.max_over_ranks(len(buckets)))
+        answers, order = [], []
+        for bucket in buckets:
+            local = {r: k for k, r in enumerate(bucket)}  # row -> its index in this pass
+            packed = build_inputs([rows[r] for r in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
+                                  bb.processor.pad_id, bb.merge)
+            self._count("match", packed)
+            mask = unified_mask(packed.segment_ids if isolate is None else _retag(packed.segment_ids, isolate),
+                                views, packed.inputs_embeds.dtype)
+            hidden = bb(packed, mask)  # [rows, L, d]
+            mine = [b for b, (r, _) in enumerate(owners) if r in local]  # the instances of these rows
+            row, pos = head.answer_positions(packed.vector_index, [(local[owners[b][0]], owners[b][1]) for b in mine],
+                                             len(views))  # [n], [n, V]
+            answers.append(hidden[to_device(row, hidden.device).unsqueeze(1), to_device(pos, hidden.device)])
+            order += mine
+        h = torch.cat(answers)  # [B, V, d], in bucket order
+        if order != sorted(order):  # back to instance order
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            h = h[to_device(inverse, h.device)]
         return bb.lm_head(h)  # [B, V, vocab]
 
     def draw_slots(self, B: int) -> torch.Tensor:
@@ -277,23 +301,37 @@ class ReMatchModel(nn.Module):
         return terms
 
 
-def length_buckets(lengths: list[int], max_padding: float = 0.25, min_buckets: int = 1) -> list[list[int]]:
-    """Row indices grouped into buckets of similar length (longest first).
+def length_buckets(lengths: list[int], pass_tokens: float = 2048, min_buckets: int = 1) -> list[list[int]]:
+    """Row indices grouped into buckets of similar length (longest first), at the least cost.
 
-    A bucket grows while its padded size (rows x longest) stays within (1 + max_padding) x its
-    real tokens; `max_padding=inf` gives one bucket. With `min_buckets`, the largest buckets are
-    halved until there are that many (sharded training: every rank must run as many passes).
+    A bucket costs its padded size (rows x its longest row, the token positions a pass computes)
+    plus `pass_tokens`, the fixed cost of one more pass through the backbone (kernel launches and
+    host work, in token equivalents). Over the rows sorted by length, where an optimal partition
+    is a run of consecutive rows per bucket, the cheapest partition is found exactly by dynamic
+    programming (O(rows^2), vectorised). `pass_tokens=0`: no padding at all; `inf`: one bucket.
+    With `min_buckets`, the largest buckets are halved until there are that many (sharded
+    training: every rank must run as many passes).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets, cur, real = [], [], 0
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > (1 + max_padding) * (real + lengths[i]):
-            buckets.append(cur)
-            cur, real = [], 0
-        cur.append(i)
-        real += lengths[i]
-    if cur:
-        buckets.append(cur)
+    n = len(order)
+    if n == 0:
+        return []
+    if math.isinf(pass_tokens):
+        buckets = [order]
+    else:
+        L = np.array([lengths[i] for i in order], dtype=np.float64)  # [n], longest first
+        first = np.arange(n)
+        best = np.zeros(n + 1)  # best[i]: cost of the first i rows
+        start = np.zeros(n + 1, dtype=np.int64)  # where the last bucket of that optimum starts
+        for i in range(1, n + 1):
+            cost = best[:i] + (i - first[:i]) * L[:i] + pass_tokens  # last bucket = rows j..i-1, padded to L[j]
+            start[i] = j = int(np.argmin(cost))  # ties: the earliest start, i.e. fewer buckets
+            best[i] = cost[j]
+        buckets, i = [], n
+        while i > 0:
+            buckets.append(order[start[i]:i])
+            i = int(start[i])
+        buckets.reverse()
     while len(buckets) < min(min_buckets, len(lengths)):
         j = max(range(len(buckets)), key=lambda b: len(buckets[b]))  # split the largest (rows stay sorted)
         half = (len(buckets[j]) + 1) // 2

@@ -82,7 +82,10 @@ def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0, recompute: 
         if chunk:  # GradCache: a no-grad pass plus the re-forward of the embedding passes
             counts = dict(counts, embed=2 * counts["embed"], embed_attn=2 * counts["embed_attn"])
         res["runs"][name] = {"tflop": step_flops(big, counts, patches, bool(chunk)) / 1e12,
-                             "embed_tokens": counts["embed"] // (2 if chunk else 1), "match_tokens": counts.get("match", 0)}
+                             "embed_tokens": counts["embed"] // (2 if chunk else 1), "match_tokens": counts.get("match", 0),
+                             # token positions the passes compute, padding included (not in the TFLOP figure)
+                             "padded_over_real": (counts["embed_padded"] * (2 if chunk else 1) + counts.get("match_padded", 0))
+                             / max(counts["embed"] + counts.get("match", 0), 1)}
     base = res["runs"]["baseline"]["tflop"]
     nm = res["runs"]["rematch_no_matching"]["tflop"]
     rows = []
@@ -91,7 +94,8 @@ def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0, recompute: 
         r["ratio_to_no_matching"] = r["tflop"] / nm
         rows.append((name, f"{r['tflop']:8.1f} TFLOP  x{r['ratio_to_baseline']:.2f} baseline  "
                            f"x{r['ratio_to_no_matching']:.2f} K=16 no matching  "
-                           f"({r['embed_tokens']} embedding + {r['match_tokens']} matching tokens)"))
+                           f"({r['embed_tokens']} embedding + {r['match_tokens']} matching tokens, "
+                           f"+{(r['padded_over_real'] - 1) * 100:.0f}% padding)"))
     print_rows(f"bench flops: Qwen2-VL-{shape} shape, batch {B} triples, {image_size} px images, "
                f"gradient checkpointing {'on' if res['recompute'] else 'off'}{', GradCache' if chunk else ''}", rows)
     return res
