@@ -29,7 +29,9 @@ run() {
 # BUDGET_S (optional): the whole script ends within this many seconds; STEP_TIMEOUT: one part's limit.
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
 # The planned peaks of `bench --suite memory` (README) are checked against the `peak` column of train_2b_*.
-SUITES=${SUITES:-train_2b_b16 train_2b_b16_unfused train_2b_b128_norecompute vision_2b encode_2b encode_2b_compile lora_2b train_2b_compile train_2b_b128 train_2b_b128_nogc profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
+# The first parts answer the open goals: MFU and feat_feat at 128 triples, the waits per step,
+# recomputation off, the 30-minute MMEB projection.
+SUITES=${SUITES:-train_2b_b128_nogc profile_2b_main train_2b_b16 train_2b_b128_norecompute encode_2b encode_2b_compile train_2b_b16_unfused vision_2b lora_2b train_2b_compile train_2b_b128 profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
 for suite in $SUITES; do
   case $suite in
     train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
