@@ -187,3 +187,55 @@ def test_syncs_suite_audits_every_step_kind(tmp_path):
     assert any(n.startswith("GradCache step") for n in names) and "embedding pass (inference)" in names
     assert all(v == [] for v in res["runs"].values()), res["runs"]
     assert json.loads((tmp_path / "s.json").read_text())["runs"] == res["runs"]
+
+
+def _gpu_bench_parts():
+    """`scripts/gpu_bench.sh`: the default SUITES and each part's command lines (module, args), the
+    shell's variables expanded as the script would."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "scripts" / "gpu_bench.sh").read_text()
+    suites = re.search(r"SUITES=\$\{SUITES:-([^}]*)\}", text).group(1).split()
+    strategies = re.search(r"STRATEGIES:-([^}]*)\}", text).group(1).split()
+    body = text[text.index("case $suite in"):text.index("esac")].replace("\\\n", " ")
+    parts = {}
+    for name, block in re.findall(r"^\s{4}(\w+)\)(.*?);;", body, flags=re.S | re.M):
+        block = re.sub(r"\$\{EVAL_BENCH_ARGS:-([^}]*)\}", r"\1", block).replace("$OUT", "/tmp/out")
+        cmds = []
+        for line in re.findall(r"\brun \S+ (rematch_pl\.\w+ [^\n]*)", block):
+            for s in (strategies if "$s" in line else [None]):
+                cmds.append(shlex.split(line.replace("$s", s) if s else line))
+        parts[name] = cmds
+    return suites, parts
+
+
+def test_gpu_bench_script_parts_exist_and_their_command_lines_parse():
+    """A GPU session is short: every part the script would run must exist and its arguments parse
+    (the benchmarks' parsers, the variants named, the training overrides composed and validated)."""
+    from hydra import compose, initialize_config_dir
+
+    from rematch_pl import eval_bench
+    from rematch_pl.bench import cli, pick_variants
+    from rematch_pl.build import CONF_DIR
+    from rematch_pl.config import validate
+
+    suites, parts = _gpu_bench_parts()
+    assert sorted(suites) == sorted(parts), "every case in SUITES and every SUITE a case"
+    seen = set()
+    for name, cmds in parts.items():
+        assert cmds, name
+        for module, *args in cmds:
+            seen.add(module)
+            if module == "rematch_pl.bench":
+                a = cli.parser().parse_args(args)
+                if a.variants:
+                    pick_variants(a.variants.split(","))
+            elif module == "rematch_pl.eval_bench":
+                eval_bench.parser().parse_args(args)
+            else:
+                assert module == "rematch_pl.train", module
+                with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+                    validate(compose("config", overrides=[x for x in args if not x.startswith("hydra.")]))
+    assert seen == {"rematch_pl.bench", "rematch_pl.eval_bench", "rematch_pl.train"}

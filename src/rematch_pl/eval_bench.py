@@ -240,7 +240,8 @@ def print_table(res: dict) -> None:
     print_rows(f"bench encode: batch={res['batch']} max_tokens={res['max_tokens']} workers={res['workers']}", rows)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments (`scripts/gpu_bench.sh`'s command lines are checked against it)."""
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.eval_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["encode", "memory"], default="encode",
@@ -268,6 +269,11 @@ def main(argv=None) -> dict:
                     help="encode suite: torch.compile the decoder layers and vision blocks (eval.compile=true)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None)
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -43,7 +43,8 @@ from .profile import suite_profile
 from .train import print_table, suite_matching, suite_max_batch, suite_train
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments (`scripts/gpu_bench.sh`'s command lines are checked against it)."""
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "lora", "profile", "flops", "memory",
@@ -81,6 +82,11 @@ def main(argv=None) -> dict:
                          "off for tiny; backbone.gradient_checkpointing)")
     ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
     ap.add_argument("--out", type=Path, default=None)
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     a = ap.parse_args(argv)
     recompute = None if a.recompute is None else a.recompute == "on"
     variants = a.variants.split(",") if a.variants else None
