@@ -31,7 +31,7 @@ run() {
 # The planned peaks of `bench --suite memory` (README) are checked against the `peak` column of train_2b_*.
 # The first parts answer the open goals: MFU and feat_feat at 128 triples, the waits per step,
 # recomputation off, the 30-minute MMEB projection.
-SUITES=${SUITES:-train_2b_b128_nogc profile_2b_main train_2b_b16 train_2b_b128_norecompute encode_2b encode_2b_compile train_2b_b16_unfused vision_2b lora_2b train_2b_compile train_2b_b128 profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate}
+SUITES=${SUITES:-train_2b_b128_nogc profile_2b_main train_2b_b16 train_2b_b128_norecompute encode_2b encode_2b_compile train_2b_b16_unfused vision_2b lora_2b train_2b_compile train_2b_b128 profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate train_2b_b128_dropout}
 for suite in $SUITES; do
   case $suite in
     train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
@@ -41,6 +41,8 @@ for suite in $SUITES; do
     lora_2b) run lora_2b rematch_pl.bench --suite lora --shape 2b --tokens 16384 --iters 10 --out "$OUT/lora_2b.json" ;;
     train_2b_b128) run train_2b_b128 rematch_pl.bench --suite train --shape 2b --batches 128 --chunk 16 --gradcache on \
       --variants baseline,rematch --iters 1 --out "$OUT/train_2b_b128.json" ;;
+    train_2b_b128_dropout) run train_2b_b128_dropout rematch_pl.bench --suite train --shape 2b --batches 128 --chunk 0 \
+      --variants baseline,rematch --lora-dropout 0.05 --iters 1 --out "$OUT/train_2b_b128_dropout.json" ;;
     train_2b_b128_norecompute) run train_2b_b128_norecompute rematch_pl.bench --suite train --shape 2b --batches 128 \
       --chunk 16 --gradcache on --recompute off --iters 1 --out "$OUT/train_2b_b128_norecompute.json" ;;
     train_2b_b128_nogc) run train_2b_b128_nogc rematch_pl.bench --suite train --shape 2b --batches 128 --chunk 0 --iters 1 \

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from rematch_pl.bench import VARIANTS, device_busy_s, largest_batch, main, suite_train
 
@@ -57,8 +58,14 @@ def test_train_suite_gradcache_on_covers_every_variant_and_recompute_is_chosen()
     """`--gradcache on` chunks every variant (feat_feat's ratio is to K=16 without matching at the
     same chunks); `--recompute on` turns gradient checkpointing on for the tiny shape too."""
     res = main(["--suite", "train", "--batches", "4", "--chunk", "2", "--iters", "1", "--warmup", "0", "--variants",
-                "baseline,rematch_feat_feat,rematch_no_matching", "--gradcache", "on", "--recompute", "on"])
-    assert res["recompute"] is True
+                "baseline,rematch_feat_feat,rematch_no_matching", "--gradcache", "on", "--recompute", "on",
+                "--lora-dropout", "0.05"])
+    assert res["recompute"] is True and res["lora_dropout"] == 0.05
+    from rematch_pl.bench import shaped_backbone
+
+    drops = {m.p for n, m in shaped_backbone("tiny", "cpu", "fp32", lora_dropout=0.05).hf.named_modules()
+             if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n}
+    assert drops == {0.05}  # the benchmarked step applies it to every LoRA input
     assert [(r["variant"], r["gradcache_chunk"]) for r in res["runs"]] == [
         ("baseline", 2), ("rematch_feat_feat", 2), ("rematch_no_matching", 2)]
     by = {r["variant"]: r for r in res["runs"]}

@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--recompute", choices=["on", "off"], default=None,
                     help="--suite train | memory | profile | flops: gradient checkpointing (default: on for 2b/7b, "
                          "off for tiny; backbone.gradient_checkpointing)")
+    ap.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="--suite train: PEFT's dropout on the LoRA inputs (backbone.lora.dropout: 0.05 in the shipped "
+                         "configs; default 0 here)")
     ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
     ap.add_argument("--out", type=Path, default=None)
     return ap
@@ -128,7 +131,7 @@ def main(argv=None) -> dict:
         print(f"bench train: shape={a.shape} device={a.device} dtype={dtype}" + (" compiled" if a.compile else ""))
         res = suite_train(a.shape, a.device, dtype, batches, image_size, a.iters, a.chunk, a.lora_compute,
                           variants, a.gradcache, a.compile, a.warmup, lora_fused=not a.lora_unfused,
-                          fused_norm=not a.norm_unfused, recompute=recompute)
+                          fused_norm=not a.norm_unfused, recompute=recompute, lora_dropout=a.lora_dropout)
         for r in res["runs"]:
             if "ratio_to_baseline" in r:
                 print(f"  ratio {r['variant']} (gc={r['gradcache_chunk']}) / baseline at B={r['batch']}: "

@@ -73,7 +73,7 @@ def suite_matching(shape: str, device: str, dtype: str, B: int, image_size: int,
 def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_size: int, iters: int,
                 chunk: int, lora_compute: str = "backbone", variants: list[str] | None = None,
                 gradcache: str = "both", compile: bool = False, warmup: int = 1, lora_fused: bool = True,
-                fused_norm: bool = True, recompute: bool | None = None) -> dict:
+                fused_norm: bool = True, recompute: bool | None = None, lora_dropout: float = 0.0) -> dict:
     """Step time, samples/s, tokens/s, peak memory: baseline vs full ReMatch, with and without GradCache.
 
     `variants`: the `VARIANTS` to run (default all). `compile`: decoder layers compiled
@@ -89,11 +89,11 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
 
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute, compile=compile, lora_fused=lora_fused,
-                         fused_norm=fused_norm, recompute=recompute)
+                         fused_norm=fused_norm, recompute=recompute, lora_dropout=lora_dropout)
     peak = matmul_peak_tflops(device)
     res = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
            "image_size": image_size, "matmul_peak_tflops": peak, "lora_compute": lora_compute, "lora_fused": lora_fused,
-           "fused_norm": fused_norm, "compile": compile, "recompute": recompute_enabled(bb.hf), "runs": []}
+           "fused_norm": fused_norm, "compile": compile, "recompute": recompute_enabled(bb.hf), "lora_dropout": lora_dropout, "runs": []}
     for B in batches:
         batch = make_batch(bb.processor, B, image_size, device, pixel_dtype=bb.pixel_dtype)
         for name, kw in chosen.items():
