@@ -9,11 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state_dict(model: torch.nn.Module, engine=None) -> dict[str, torch.Tensor]:
     """Names and whole values of every trainable parameter (LoRA, learnable tokens, projector, markers).
 
     Under FSDP the parameters are sharded DTensors: each is gathered (a collective, so every rank
-    must call this, in the same order).
+    must call this, in the same order). Under DeepSpeed ZeRO-3 the partitions are gathered; pass
+    the `engine`: ZeRO-3 prefetches parameters along the previous step's module order, and a
+    step that called the backbone fewer times than the one before (the number of length buckets
+    varies) leaves a prefetched parameter in flight, which a gather cannot take; the engine
+    waits for and releases those first.
     """
     from torch.distributed.tensor import DTensor
 
@@ -21,6 +25,8 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3: gather the partitions
         import deepspeed
 
+        if hasattr(engine, "empty_partition_cache"):
+            engine.empty_partition_cache()
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
             return {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
@@ -28,13 +34,14 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict | None = None,
-                   is_main: bool = True) -> Path:
+                   is_main: bool = True, engine=None) -> Path:
     """Write the PEFT adapter (`adapter/`), ReMatch modules (`rematch_modules.safetensors`) and `meta.json`.
 
-    Sharded (FSDP) models: call it on every rank (the weights are gathered); `is_main` writes.
+    Sharded (FSDP, ZeRO-3) models: call it on every rank (the weights are gathered; `engine`: see
+    `trainable_state_dict`); `is_main` writes.
     """
     out = Path(out_dir)
-    state = trainable_state_dict(model)  # whole tensors on every rank
+    state = trainable_state_dict(model, engine)  # whole tensors on every rank
     if not is_main:
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,8 @@ class ReMatchModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # Only trainable weights (LoRA, learnable tokens, projector, markers): the base
         # backbone is reloaded from backbone.path.
-        checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model).items()}
+        engine = self.trainer.strategy.model if self._trainer is not None else None  # DeepSpeed's engine
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model, engine).items()}
         checkpoint["rematch_manual_optimization"] = not self.automatic_optimization
 
     def on_load_checkpoint(self, checkpoint):

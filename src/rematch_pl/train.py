@@ -94,7 +94,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
         }
         if cfg.save_adapter:  # every rank: a sharded model's weights are gathered
             save_trainable(model, run_dir / "adapter", meta={"config": summary["config"]},
-                           is_main=trainer.is_global_zero)
+                           is_main=trainer.is_global_zero, engine=trainer.strategy.model)
         if trainer.is_global_zero:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             print_summary(summary)
