@@ -188,9 +188,7 @@ class ReMatchModel(nn.Module):
             order += mine
         h = torch.cat(answers)  # [B, V, d], in bucket order
         if order != sorted(order):  # back to instance order
-            inverse = torch.empty(len(order), dtype=torch.long)
-            inverse[torch.tensor(order)] = torch.arange(len(order))
-            h = h[to_device(inverse, h.device)]
+            h = h[to_device(torch.tensor(order).argsort(), h.device)]
         return bb.lm_head(h)  # [B, V, vocab]
 
     def draw_slots(self, B: int) -> torch.Tensor:
