@@ -99,3 +99,27 @@ def test_rotate_qk_equals_transformers_rotary(dtype):
     tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
     torch.testing.assert_close(q, rq, **tol)
     torch.testing.assert_close(k, rk, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotate_qk_moves_less_memory_with_the_same_bits(dtype):
+    """rotate_qk upcasts inside its kernels and rounds as it stores (no fp32 copies of q and k):
+    the results are bit-identical to upcasting first, with and without autograd."""
+    g = torch.Generator().manual_seed(1)
+    S, H, D = 300, 4, 16
+    qkv = torch.randn(S, 3, H, D, generator=g).to(dtype)
+    angles = torch.randn(S, D // 2, generator=g)
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos(), emb.sin()
+    h = D // 2
+    up = qkv[:, :2].float()  # the upcast-first arithmetic
+    signed = torch.cat((-sin[:, :h], sin[:, h:]), -1)[:, None, None]
+    ref = torch.addcmul(up * cos[:, None, None], torch.cat((up[..., h:], up[..., :h]), -1), signed).to(dtype)
+    with torch.no_grad():
+        q, k = rotate_qk(qkv, cos, sin)
+    assert torch.equal(q, ref[:, 0]) and torch.equal(k, ref[:, 1])
+    leaf = qkv.clone().requires_grad_()
+    q, k = rotate_qk(leaf, cos, sin)
+    assert torch.equal(q, ref[:, 0]) and torch.equal(k, ref[:, 1])
+    (q.float().sum() + 2 * k.float().sum()).backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad.float()).all()
