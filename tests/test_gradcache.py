@@ -43,6 +43,29 @@ def test_gradcache_equals_unchunked(n_neg, chunk, matching, k):
         torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_gradcache_encodes_each_image_once_with_a_frozen_vision_tower():
+    """The frozen tower's features from the no-grad pass are reused by the re-forward: one tower
+    call per chunk covering that chunk's images (not two), with the unchunked step's result
+    (test above). A trainable tower is run again in the re-forward, under autograd."""
+    model = _model("all", 4)
+    batch = triple_batch(model.backbone.processor, n_neg=1)
+    visual = model.backbone.hf.model.visual
+    calls = []
+    hook = visual.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    try:
+        assert model.vision_frozen
+        gradcache_step(model, batch, 2, backward=lambda t: t.backward())
+        B = batch["qry"]["ids"].shape[0]
+        assert calls == [False] * -(-B // 2)  # ceil(B / 2) chunks, each encoded once without autograd
+        calls.clear()
+        visual.merger.mlp[0].weight.requires_grad_(True)
+        assert not model.vision_frozen
+        gradcache_step(model, batch, 2, backward=lambda t: t.backward())
+        assert calls == [False] * -(-B // 2) + [True] * -(-B // 2)
+    finally:
+        hook.remove()
+
+
 def test_slice_batch_reindexes_images():
     bb = make_backbone("qwen2vl")
     batch = triple_batch(bb.processor, n_neg=2)

@@ -3,7 +3,8 @@
 1. a no-grad pass over every chunk gives the fused embeddings (the RNG state before each
    chunk is saved);
 2. the contrastive loss on the detached (and gathered) embeddings gives their gradients;
-3. each chunk is re-run with gradients under its replayed RNG state, and
+3. each chunk is re-run with gradients under its replayed RNG state (a frozen vision tower's
+   features of step 1 are reused, not recomputed), and
    ``<cached grad, embedding> + chunk share of the orthogonality and matching losses`` is
    backpropagated. The sum over chunks has exactly the gradient of the unchunked loss.
 
@@ -78,11 +79,15 @@ def gradcache_step(
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
 
-    # 1. embeddings without gradients, RNG state saved per chunk
+    # 1. embeddings without gradients, RNG state saved per chunk; a frozen vision tower encodes
+    # each chunk's images once, for this pass and the re-forward (the same features either way)
     states, embs = [], []
+    reuse = bool(getattr(model, "vision_frozen", False))
     with torch.no_grad():
-        for sub in subs:
+        for i, sub in enumerate(subs):
             states.append((torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None))
+            if reuse:
+                subs[i] = sub = dict(sub, image_features=model(sub, mode="images")["image_features"])
             embs.append(model(sub, mode="embed"))
     eq = torch.cat([e["q"] for e in embs]).detach().requires_grad_()
     ep = torch.cat([e["pos"] for e in embs]).detach().requires_grad_()

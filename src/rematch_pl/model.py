@@ -141,6 +141,12 @@ class ReMatchModel(nn.Module):
             i += len(contents)
         return out
 
+    @property
+    def vision_frozen(self) -> bool:
+        """No trainable weight in the vision tower: its features of an image are the same in every
+        pass, so GradCache encodes each image once per step (`mode="images"`)."""
+        return not any(p.requires_grad for p in self.backbone.hf.model.visual.parameters())
+
     def image_features(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
         """Vision tower on the batch's images. When ranks must agree (sharded training), a rank
         without images runs it on a blank one, discarded, if any other rank has images."""
@@ -230,8 +236,12 @@ class ReMatchModel(nn.Module):
         mode="cached" (GradCache re-forward): ``surrogate`` = <cached grads, embeddings> + this
         chunk's share of the orthogonality and matching losses (see `gradcache`);
         mode="encode": a content batch {items, pixel_values, image_grid_thw} embedded with each
-        token set of `sides` ('qry' | 'doc') -> {side: fused [N, d]}.
+        token set of `sides` ('qry' | 'doc') -> {side: fused [N, d]};
+        mode="images": the vision tower alone -> {"image_features": [[n_tokens_i, d]] per image}.
+        A batch that carries "image_features" (GradCache's passes over a chunk) skips the tower.
         """
+        if mode == "images":
+            return {"image_features": self.image_features(batch["pixel_values"], batch["image_grid_thw"])}
         if mode == "encode":
             grids = batch["image_grid_thw"]
             feats = self.image_features(batch["pixel_values"], grids)
@@ -239,8 +249,10 @@ class ReMatchModel(nn.Module):
             outs = self.embed([(s, contents) for s in sides], feats, grids)
             return {s: fused for s, (fused, _) in zip(sides, outs)}
         grids = batch["image_grid_thw"]
-        with record_function("rematch/vision"):
-            feats = self.image_features(batch["pixel_values"], grids)  # once per step, reused by matching
+        feats = batch.get("image_features")  # encoded once for both GradCache passes
+        if feats is None:
+            with record_function("rematch/vision"):
+                feats = self.image_features(batch["pixel_values"], grids)  # once per step, reused by matching
         q_raw, p_raw = self.contents(batch["qry"]), self.contents(batch["pos"])
         neg = batch.get("neg")
         n_raw = self.contents(neg) if neg is not None else None
