@@ -79,12 +79,15 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.now
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        return self._run(func, args, kwargs or {})[2]
+
+    def _run(self, func, args, kwargs):
+        """Run `func` (placed on meta when planning) and track its results: (args, kwargs, out)."""
         if self.meta:
             args, kwargs = self._placed(func, args, kwargs)
         out = func(*args, **kwargs)
         self.track(out)
-        return out
+        return args, kwargs, out
 
     @staticmethod
     def _placed(func, args, kwargs):
@@ -112,13 +115,27 @@ class LiveBytes(TorchDispatchMode):
         return tree_map_only(torch.Tensor, lambda t: t if _is_meta(t) else t.to("meta"), (args, kwargs))
 
 
-class FusedAttention:
-    """Within it, `F.scaled_dot_product_attention` on meta tensors takes the kernel `target` runs.
+class SwapFunctional:
+    """While active, `torch.nn.functional.<name>` is `self.replacement` (callers look the function
+    up at call time); a function mode would not be active when gradient checkpointing recomputes
+    a layer inside the backward pass. `self._saved` is the original."""
 
-    A context manager that swaps the function in `torch.nn.functional` (HF attention and the
-    grouped vision attention look it up at call time); a function mode would not be active
-    when gradient checkpointing recomputes a layer inside the backward pass.
-    """
+    name = ""
+
+    def __enter__(self):
+        self._saved = getattr(F, self.name)
+        setattr(F, self.name, self.replacement)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(F, self.name, self._saved)
+
+
+class FusedAttention(SwapFunctional):
+    """Within it, `F.scaled_dot_product_attention` on meta tensors takes the kernel `target` runs
+    (HF attention and the grouped vision attention look it up at call time)."""
+
+    name = "scaled_dot_product_attention"
 
     def __init__(self, target: str = "cuda"):
         if target not in ("cuda", "cpu"):
@@ -126,13 +143,8 @@ class FusedAttention:
         self.target = target
         self._saved = None
 
-    def __enter__(self):
-        self._saved = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = self.attention
-        return self
-
-    def __exit__(self, *exc):
-        F.scaled_dot_product_attention = self._saved
+    def replacement(self, *args, **kwargs):
+        return self.attention(*args, **kwargs)
 
     def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if not _is_meta(q):
@@ -226,11 +238,17 @@ class MemoryPlanError(RuntimeError):
 def plan_step(model: torch.nn.Module, batch: dict, chunk: int | None, target: str = "cuda") -> dict:
     """`step_memory` of one training step of a meta `model` on `batch` (its pixels moved to meta),
     as the trainer runs it: AdamW on the trainable parameters, GradCache when `chunk` < batch."""
+    batch = to_meta(batch)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return step_memory(model, batch, training_step(model, batch, chunk, opt), opt, meta=True, target=target)
+
+
+def training_step(model: torch.nn.Module, batch: dict, chunk: int | None, opt) -> Callable[[], None]:
+    """One training step as the trainer runs it: forward and backward (GradCache when `chunk` <
+    batch), then the optimizer step."""
     from .gradcache import gradcache_step
 
-    batch = to_meta(batch)
     B = batch["qry"]["ids"].shape[0]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
         if chunk and B > chunk:
@@ -240,7 +258,7 @@ def plan_step(model: torch.nn.Module, batch: dict, chunk: int | None, target: st
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step_memory(model, batch, step, opt, meta=True, target=target)
+    return step
 
 
 def _at_max_pixels(image, max_pixels: int):

@@ -23,6 +23,9 @@ for a 2B/7B shape on a GPU (the step runs on the meta device, see memory.py) and
 `--suite profile` profiles one training step of each variant (torch.profiler): where the time
 goes (vision tower, embedding passes, matching pass, backward), how busy the device is, kernel
 launches and host-device synchronisations, the top operators;
+`--suite roofline` (any machine) counts one training step of each variant op by op on the meta
+device: FLOPs and bytes moved per kernel, the step's time if every kernel ran at the card's
+matrix peak or memory bandwidth, and so the MFU ceiling of these kernels (`bench.roofline`);
 `--suite syncs` (CPU) lists where a step would make the host wait for the GPU (`sync_audit`);
 `--suite gpu` (CUDA only) runs the train suite for the 2B and 7B shapes and the 2B batch search
 into one JSON (what `scripts/gpu_bench.sh` runs, plus the matching and encode suites).
@@ -40,6 +43,7 @@ from .flops import suite_flops
 from .kernels import suite_lora, suite_vision
 from .plan import suite_memory
 from .profile import suite_profile
+from .roofline import H100_TBS, H100_TFLOPS, suite_roofline
 from .train import print_table, suite_matching, suite_max_batch, suite_train
 
 
@@ -48,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["matching", "train", "max_batch", "vision", "lora", "profile", "flops", "memory",
-                                        "syncs", "gpu"],
+                                        "roofline", "syncs", "gpu"],
                     default="matching")
     ap.add_argument("--limit", type=int, default=512, help="largest batch tried by --suite max_batch")
     ap.add_argument("--start", type=int, default=8, help="first batch tried by --suite max_batch")
@@ -83,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="--suite train: PEFT's dropout on the LoRA inputs (backbone.lora.dropout: 0.05 in the shipped "
                          "configs; default 0 here)")
+    ap.add_argument("--peak-tflops", type=float, default=H100_TFLOPS,
+                    help="--suite roofline: the card's bf16 matrix-product peak (default: the H100's, measured)")
+    ap.add_argument("--bandwidth-tbs", type=float, default=H100_TBS,
+                    help="--suite roofline: the card's memory bandwidth in TB/s (default: the H100 SXM's 3.35)")
+    ap.add_argument("--top", type=int, default=12, help="--suite roofline: operators listed per variant")
     ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
     ap.add_argument("--out", type=Path, default=None)
     return ap
@@ -112,6 +121,9 @@ def main(argv=None) -> dict:
     elif a.suite == "flops":
         res = suite_flops("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, a.chunk,
                           recompute=recompute)
+    elif a.suite == "roofline":
+        res = suite_roofline("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, variants,
+                             a.chunk, recompute, a.peak_tflops, a.bandwidth_tbs, a.top)
     elif a.suite == "memory":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         res = suite_memory(a.shape, image_size, batches, a.chunk, a.gpu_gib, a.reserve_gib, a.search,

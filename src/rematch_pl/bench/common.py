@@ -100,13 +100,14 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
+    n_images = B + B // 2  # the queries' and the odd positives' (a batch holds only the images it uses)
     imgs = [Image.fromarray((torch.rand(image_size, image_size, 3, generator=g) * 255).byte().numpy())
-            for _ in range(1 if meta_pixels else 2 * B)]
+            for _ in range(1 if meta_pixels else n_images)]
     ib = processor.process_images(imgs)
     grids, pixels = ib.grid_thw, ib.pixel_values.to(pixel_dtype)
-    if meta_pixels:  # [patches, dim] of one image -> [2B * patches, dim] on meta
-        grids = grids.repeat(2 * B, 1)
-        pixels = torch.empty(2 * B * pixels.shape[0], pixels.shape[1], dtype=pixels.dtype, device="meta")
+    if meta_pixels:  # [patches, dim] of one image -> [n_images * patches, dim] on meta
+        grids = grids.repeat(n_images, 1)
+        pixels = torch.empty(n_images * pixels.shape[0], pixels.shape[1], dtype=pixels.dtype, device="meta")
 
     def side(texts, image_idx):
         return collate_side(processor, texts, image_idx, grids)
@@ -114,7 +115,7 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
     q = side(["<|image_1|>\nRepresent the given image with the following question: how many red circles are there?"] * B,
              list(range(B)))
     pos = side(["<|image_1|>\nRepresent the given image." if i % 2 else "two red circles and a blue square"
-                for i in range(B)], [B + i if i % 2 else -1 for i in range(B)])
+                for i in range(B)], [B + i // 2 if i % 2 else -1 for i in range(B)])
     neg = side(["three blue circles and a red square"] * B, [-1] * B)
     # as `MMEBDataModule.transfer_batch_to_device` leaves a batch: pixels on the device, the packing
     # metadata (ids, lengths, image indices, grids) on the host

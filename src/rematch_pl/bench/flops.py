@@ -12,25 +12,30 @@ from .common import VARIANTS, make_batch, print_rows, shaped_backbone
 def llm_forward_flops(bb: Backbone, tokens: int, attn_pairs: int) -> float:
     """Forward FLOPs of the language model over `tokens` tokens whose rows have sum(len^2) = `attn_pairs`.
 
-    2 * N_llm per token (matrix products; LoRA's rank-r matrices included, the embedding table
-    excluded) + 2 * layers * d * sum(len^2) for attention (QK^T and AV, 2 FLOPs per multiply-add,
+    2 * N_llm per token (matrix products: N_llm counts the weight matrices, LoRA's rank-r ones
+    included, the embedding table excluded; norms and biases are not products) + 2 * layers * d * sum(len^2) for attention (QK^T and AV, 2 FLOPs per multiply-add,
     over the len^2 / 2 (query, key) pairs of a causal row).
     """
     hf = bb.hf
-    n_llm = sum(p.numel() for n, p in hf.model.language_model.named_parameters() if "embed_tokens" not in n)
+    n_llm = sum(p.numel() for n, p in hf.model.language_model.named_parameters()
+                if p.dim() >= 2 and "embed_tokens" not in n)
     cfg = hf.config.text_config
     return 2 * n_llm * tokens + 2 * cfg.num_hidden_layers * cfg.hidden_size * attn_pairs
 
 
 def vision_flops(bb: Backbone, image_patches: list[int]) -> float:
     """Forward FLOPs of the vision tower (and merger) over images of the given patch counts:
-    2 * N_vis per patch + 4 * layers * d * patches^2 per image (full attention within the image;
-    an upper bound for Qwen2.5-VL, whose windowed layers attend less)."""
-    hf = bb.hf
-    n_vis = sum(p.numel() for p in hf.model.visual.parameters())
-    v = hf.config.vision_config
+    2 * N per patch for the weight matrices of the patch embedding and the blocks, 2 * N_merger-MLP per merged token
+    (patches / merge^2: the merger's MLP runs on groups of merge^2 patches), and
+    4 * layers * d * patches^2 per image (full attention within the image; an upper bound for
+    Qwen2.5-VL, whose windowed layers attend less). Checked against an op-by-op count (`bench.roofline`)."""
+    visual = bb.hf.model.visual
+    n_vis = sum(p.numel() for p in visual.parameters() if p.dim() >= 2)  # norms and biases are not products
+    n_merge = sum(p.numel() for p in visual.merger.mlp.parameters() if p.dim() >= 2)
+    v = bb.hf.config.vision_config
     d = getattr(v, "embed_dim", None) or v.hidden_size
-    return sum(2 * n_vis * p + 4 * v.depth * d * p * p for p in image_patches)
+    return sum(2 * (n_vis - n_merge) * p + 2 * n_merge * p / bb.merge**2 + 4 * v.depth * d * p * p
+               for p in image_patches)
 
 
 def step_flops(bb: Backbone, counts: dict, image_patches: list[int], gradcache: bool) -> float:
