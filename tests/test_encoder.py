@@ -110,6 +110,23 @@ def test_eval_bench_memory_suite_plans_the_worst_batch():
     assert res["runs"][1]["patches"] == 2 * res["runs"][0]["patches"] > 0
 
 
+def test_eval_bench_roofline_suite_floors_the_mmeb_eval(tmp_path):
+    """Roofline of the eval forward per item (meta device) and the MMEB floors it implies: eager
+    kernels (matrix + memory-bound) above the matrix products alone; an image item (vision tower
+    included) costs more than a text item (the op counts themselves: tests/test_bench_roofline.py)."""
+    from rematch_pl.eval_bench import main
+
+    res = main(["--suite", "roofline", "--rows", "4", "--out", str(tmp_path / "r.json")])
+    img, txt = res["image"], res["text"]
+    assert img["roofline_ms"] == pytest.approx(img["matrix_ms"] + img["memory_ms"]) and img["memory_ms"] > 0
+    assert 0 < img["vision_ms"] < img["roofline_ms"] and img["roofline_ms"] > txt["roofline_ms"] > 0
+    assert 0 < img["mfu_ceiling"] < 1
+    assert res["mmeb_roofline_s"] > res["mmeb_matrix_only_s"] > 0 and (tmp_path / "r.json").is_file()
+    c = res["mmeb_counts"]
+    assert res["mmeb_roofline_s"] == pytest.approx(
+        (c["image_items"] * img["roofline_ms"] + c["text_items"] * txt["roofline_ms"]) / 1e3)
+
+
 @pytest.mark.slow  # ~20 s: compiles the tiny model
 def test_compiled_model_gives_the_eager_embeddings():
     """eval.compile=true (`load_model(compile=True)`, which `Encoder.from_pretrained(compile=True)`

@@ -1,4 +1,4 @@
-"""`python -m rematch_pl.eval_bench --suite encode|memory [--shape tiny|2b|7b] [--out FILE.json]`: figures, not tests.
+"""`python -m rematch_pl.eval_bench --suite encode|memory|roofline [--shape tiny|2b|7b] [--out FILE.json]`: figures, not tests.
 
 Encode throughput (items/s) of the evaluation engine (`rematch_pl.evaluation.engine`: length
 bucketing, DataLoader workers decoding JPEG files, bf16 on GPU, K=16 learnable tokens, chat
@@ -212,6 +212,83 @@ def suite_memory(shape: str, configs: list[tuple[int, int | None]], size: tuple[
     return res
 
 
+def suite_roofline(shape: str, sizes: list[tuple[int, int]], rows: int, mmeb: str | None, mmeb_images: str | None,
+                   dtype: str = "bf16", tflops: float | None = None, tbs: float | None = None) -> dict:
+    """Roofline time per item of the evaluation forward (`bench.roofline`: every kernel at the
+    card's matmul peak or memory bandwidth, no gaps; no device needed) and from it the floor of the
+    full MMEB evaluation with eager kernels, beside the FLOP-only floor (what fusing every
+    memory-bound kernel away could reach). Image items: `rows` items per image size, one batch each
+    (instruction + question + image, as the encode suite); text items: `rows` MMEB-like texts."""
+    from .backbone.model import DTYPES
+    from .bench import shaped_backbone
+    from .bench.roofline import H100_TBS, H100_TFLOPS, FusedNorms, OpCost
+    from .evaluation.engine import _Units, collate_units, embed_batch
+    from .memory import FusedAttention, meta_copy
+    from .model import ReMatchModel
+
+    tflops, tbs = tflops or H100_TFLOPS, tbs or H100_TBS
+    torch.manual_seed(0)
+    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
+    bb.merge_lora()
+    model = meta_copy(ReMatchModel(bb, k=16, matching="none", template="chat").to(DTYPES[dtype]).eval())
+    model.requires_grad_(False)
+    hf = bb.hf
+    regions = {hf.model.visual: "vision", hf.model.language_model: "language model"}
+
+    def cost(units: list) -> dict:
+        batch = collate_units([(u[0], u[1], None if u[2] is None else u[2].to("meta"), u[3]) for u in units],
+                              bb.processor)
+        c = OpCost("meta", regions)
+        try:
+            with c, FusedAttention("cuda"), FusedNorms():
+                embed_batch(model, batch, [["qry"]] * len(units), "meta", DTYPES[dtype], out_device="meta")
+        finally:
+            c.remove_hooks()
+        return c.summary(tflops, tbs)
+
+    res = {"shape": shape, "dtype": dtype, "lora": "merged", "k": 16, "template": "chat", "rows": rows,
+           "image_sizes": [f"{w}x{h}" for w, h in sizes], "matmul_peak_tflops": tflops, "bandwidth_tbs": tbs}
+    rng = random.Random(0)
+    per_size = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            (path,) = _images(Path(tmp), 1, [size])
+            texts = [f"<|image_1|>\nRepresent the given image with the following question: {rng.choice(_QUESTIONS)}"
+                     for _ in range(rows)]
+            loaded = _Units([(path, list(range(rows)), texts)], bb.processor, None, pixel_dtype=DTYPES[dtype])[0]
+            # one unit per item (each item its own image, as distinct MMEB images are)
+            units = [([i], [loaded[1][i]], loaded[2], loaded[3]) for i in range(rows)]
+            per_size.append(cost(units))
+    text_units = [([i], [bb.processor.encode_content(f"{rng.choice(_TEXTS)} ({i})", None)], None, None)
+                  for i in range(rows)]
+    txt = cost(text_units)
+    n = rows * len(sizes)
+    img = {k: sum(s[k] for s in per_size) / n for k in ("roofline_ms", "matrix_ms", "memory_ms", "tflop", "gbytes")}
+    res["image"] = dict(img, vision_ms=sum(s["regions"]["vision"]["roofline_ms"] for s in per_size) / n,
+                        mfu_ceiling=img["tflop"] / tflops / img["roofline_ms"] * 1e3)
+    res["text"] = {k: txt[k] / rows for k in ("roofline_ms", "matrix_ms", "memory_ms", "tflop", "gbytes")}
+    counts = counted(mmeb, mmeb_images) if mmeb else assumed_counts()
+    res["mmeb_counts"] = counts
+    floor = lambda key: (counts["image_items"] * res["image"][key] + counts["text_items"] * res["text"][key]) / 1e3  # noqa: E731
+    res["mmeb_roofline_s"] = floor("roofline_ms")
+    res["mmeb_matrix_only_s"] = floor("matrix_ms")
+    from .bench import print_rows
+
+    print_rows(f"bench encode roofline: Qwen2-VL-{shape} shape, {dtype}, LoRA merged, K=16, chat template; "
+               f"{tflops:g} TFLOP/s matrix peak, {tbs:g} TB/s (H100 defaults)", [
+        ("image item", f"{res['image']['roofline_ms']:.2f} ms at best (matrix + attention {res['image']['matrix_ms']:.2f}, "
+                       f"memory-bound {res['image']['memory_ms']:.2f}; vision tower {res['image']['vision_ms']:.2f}), "
+                       f"{res['image']['tflop'] * 1e3:.0f} GFLOP, {res['image']['gbytes']:.1f} GB, MFU ceiling "
+                       f"{res['image']['mfu_ceiling']:.0%}  (sizes {', '.join(res['image_sizes'])})"),
+        ("text item", f"{res['text']['roofline_ms']:.3f} ms at best (matrix + attention {res['text']['matrix_ms']:.3f}, "
+                      f"memory-bound {res['text']['memory_ms']:.3f})"),
+        ("MMEB-eval unique items", f"{counts['image_items']} image + {counts['text_items']} text ({counts['source']})"),
+        ("full MMEB eval, eager kernels", f">= {res['mmeb_roofline_s'] / 60:.1f} min on one device"),
+        ("  matrix products alone", f">= {res['mmeb_matrix_only_s'] / 60:.1f} min (every memory-bound kernel fused away)"),
+    ])
+    return res
+
+
 def print_table(res: dict) -> None:
     c = res["mmeb_counts"]
     rows = [
@@ -244,8 +321,10 @@ def parser() -> argparse.ArgumentParser:
     """The command line's arguments (`scripts/gpu_bench.sh`'s command lines are checked against it)."""
     ap = argparse.ArgumentParser(prog="python -m rematch_pl.eval_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["encode", "memory"], default="encode",
-                    help="encode: throughput; memory: planned peak of the eval forward on meta (no device)")
+    ap.add_argument("--suite", choices=["encode", "memory", "roofline"], default="encode",
+                    help="encode: throughput; memory: planned peak of the eval forward on meta (no device); "
+                         "roofline: the eval forward's time with perfect kernels and the MMEB floor (no device)")
+    ap.add_argument("--rows", type=int, default=16, help="roofline suite: items per batch counted")
     ap.add_argument("--configs", default="32:none,64:none,512:32768,512:65536",
                     help="memory suite: ROWS:MAX_TOKENS list (none: no token cap)")
     ap.add_argument("--gpu-gib", type=float, default=79.0, help="memory suite: the card's memory")
@@ -285,6 +364,14 @@ def main(argv=None) -> dict:
         configs = [(int(r), None if t == "none" else int(t)) for r, t in (c.split(":") for c in a.configs.split(","))]
         res = suite_memory(a.shape, configs, size, a.dtype or "bf16", "cuda" if not tiny else "cpu", a.gpu_gib,
                            a.reserve_gib)
+        write_results(res, a.out)
+        return res
+    if a.suite == "roofline":
+        from .bench import write_results
+
+        sizes = [tuple(int(x) for x in s.split("x")) for s in
+                 (a.image_sizes or ("112x112,84x112" if tiny else "640x480,500x375,1024x768")).split(",")]
+        res = suite_roofline(a.shape, sizes, a.rows, a.mmeb, a.mmeb_images, a.dtype or "bf16")
         write_results(res, a.out)
         return res
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
