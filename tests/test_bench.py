@@ -144,6 +144,12 @@ def test_profile_and_vision_suites_run_on_cpu(tmp_path):
     assert "matching" not in runs["baseline"]["phase_s"]
     assert all(r["aten_ops"] > 0 and r["top"] for r in runs.values())
     assert runs["rematch"]["aten_ops"] > runs["rematch_no_matching"]["aten_ops"]
+    for r in runs.values():  # each operator's time against its roofline (priced for an H100 on a CPU)
+        e = r["roofline"]
+        assert e["roofline_s"] > 0 and e["busy_s"] == pytest.approx(sum(r["by_op"].values()))
+        assert e["top"] and all(t["measured_s"] == r["by_op"][t["op"]] and t["roofline_s"] > 0 for t in e["top"])
+        assert "aten::mm" in {t["op"] for t in e["top"]}
+    assert runs["rematch"]["roofline"]["roofline_s"] > runs["baseline"]["roofline"]["roofline_s"]
     res = main(["--suite", "vision", "--batch", "3", "--iters", "1"])
     assert all(res[f"{k}_s"] > 0 for k in ("per_image", "grouped", "grouped_folded_mlp", "default"))
     assert res["speedup_default"] == pytest.approx(res["per_image_s"] / res["default_s"])

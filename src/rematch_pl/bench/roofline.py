@@ -45,6 +45,16 @@ GATHER = {aten.embedding, aten.index, aten.index_select}  # read only the rows t
 H100_TFLOPS, H100_TBS = 794.5, 3.35
 
 
+# data-sheet memory bandwidth (TB/s) by card name; the first match wins
+BANDWIDTH_TBS = (("H100 PCIe", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100-SXM4-40GB", 1.56), ("A100", 2.0))
+
+
+def card_bandwidth_tbs(name: str) -> float:
+    """The memory bandwidth of a card from its name (`torch.cuda.get_device_name`); the H100 SXM's
+    for a card not listed (and for "cpu": the roofline then prices an H100)."""
+    return next((tbs for key, tbs in BANDWIDTH_TBS if key in name), H100_TBS)
+
+
 def _kind(func) -> str:
     packet = func._overloadpacket
     if packet in MATRIX:
