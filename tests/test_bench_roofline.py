@@ -24,16 +24,21 @@ def test_op_cost_counts_the_flops_and_bytes_of_known_operators():
         y = F.linear(x, w)  # aten.mm (the transpose is a view)
         z = torch.relu(y).view(-1).view(64, 16)  # one kernel, two views
         z + b.expand(64, 16)  # reads b once
+        z.add_(1.0)  # in place: reads and writes z
+        z.copy_(y)  # reads y, writes z
+        torch.neg(y, out=z)  # reads y, writes z
     rec = {op: (n, f, by) for (_, _, op), (n, f, by) in cost.records.items()}
-    assert set(rec) == {"aten.mm", "aten.relu", "aten.add"}
+    assert set(rec) == {"aten.mm", "aten.relu", "aten.add", "aten.add_", "aten.copy_", "aten.neg"}
+    for op in ("aten.add_", "aten.copy_", "aten.neg"):
+        assert rec[op] == (1, 0.0, 2 * 64 * 16 * 4), op
     assert rec["aten.mm"] == (1, 2 * 64 * 32 * 16, (64 * 32 + 16 * 32 + 64 * 16) * 4)
     assert rec["aten.relu"] == (1, 0.0, 2 * 64 * 16 * 4)
     assert rec["aten.add"] == (1, 0.0, (2 * 64 * 16 + 16) * 4)
     s = cost.summary(tflops=1.0, tbs=1.0)  # 1 TFLOP/s, 1 TB/s: ms = max(flops / 1e9, bytes / 1e9)
-    assert s["kernels"] == 3
+    assert s["kernels"] == 6
     mm = 2 * 64 * 32 * 16 / 1e9
     assert s["roofline_ms"] == pytest.approx(max(mm, (64 * 32 + 16 * 32 + 64 * 16) * 4 / 1e9)
-                                             + 2 * 64 * 16 * 4 / 1e9 + (2 * 64 * 16 + 16) * 4 / 1e9)
+                                             + 4 * 2 * 64 * 16 * 4 / 1e9 + (2 * 64 * 16 + 16) * 4 / 1e9)
 
 
 def test_op_cost_splits_forward_and_backward():

@@ -89,19 +89,27 @@ def op_flops(func, args, kwargs, out) -> float:
     return f
 
 
-def op_bytes(func, args, kwargs, out) -> int:
-    """Bytes read and written by one operator: each distinct operand and result storage once."""
-    ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if func._overloadpacket in GATHER:  # the gathered rows (the size of the result) + the indices
-        return 2 * sum(_bytes(t) for t in outs) + sum(_bytes(t) for t in ins[1:])
+def _distinct_bytes(tensors: list[torch.Tensor]) -> int:
     seen, total = set(), 0
-    for t in ins + outs:
+    for t in tensors:
         key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.dtype)
         if key not in seen:
             seen.add(key)
             total += _bytes(t)
     return total
+
+
+def op_bytes(func, args, kwargs, out) -> int:
+    """Bytes read and written by one operator: its distinct operands read, its distinct results
+    written (an in-place op reads and writes its first operand; `copy_` only writes it)."""
+    operands = (args, {k: v for k, v in kwargs.items() if k != "out"})  # an out= buffer is written, not read
+    ins = [t for t in tree_leaves(operands) if isinstance(t, torch.Tensor)]
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if func._overloadpacket in GATHER:  # the gathered rows (the size of the result) + the indices
+        return 2 * sum(_bytes(t) for t in outs) + sum(_bytes(t) for t in ins[1:])
+    if func._overloadpacket is aten.copy_:
+        ins = ins[1:]
+    return _distinct_bytes(ins) + _distinct_bytes(outs)
 
 
 class OpCost(LiveBytes):
