@@ -71,8 +71,11 @@ def test_op_counted_products_equal_the_analytic_flops(tiny_meta):
     hf = bb.hf
     cost = OpCost("meta", {hf.model.visual: "vision", hf.model.language_model: "language model"})
     model.reset_counts()
-    with cost, FusedAttention("cuda"), FusedNorms(), torch.no_grad():
-        model(to_meta(batch), mode="embed")
+    try:
+        with cost, FusedAttention("cuda"), FusedNorms(), torch.no_grad():
+            model(to_meta(batch), mode="embed")
+    finally:
+        cost.remove_hooks()
     counts = model.reset_counts()
     matrix = {region: 0.0 for region in ("vision", "language model")}
     for (phase, region, op), (n, f, b) in cost.records.items():
