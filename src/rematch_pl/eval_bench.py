@@ -218,7 +218,8 @@ def suite_roofline(shape: str, sizes: list[tuple[int, int]], rows: int, mmeb: st
     card's matmul peak or memory bandwidth, no gaps; no device needed) and from it the floor of the
     full MMEB evaluation with eager kernels, beside the FLOP-only floor (what fusing every
     memory-bound kernel away could reach). Image items: `rows` items per image size, one batch each
-    (instruction + question + image, as the encode suite); text items: `rows` MMEB-like texts."""
+    (instruction + question + image, as the encode suite); text items: 16 x `rows` MMEB-like texts
+    sorted by length (the engine's text batches are long and sorted)."""
     from .backbone.model import DTYPES
     from .bench import shaped_backbone
     from .bench.roofline import H100_TBS, H100_TFLOPS, FusedNorms, OpCost
@@ -259,14 +260,16 @@ def suite_roofline(shape: str, sizes: list[tuple[int, int]], rows: int, mmeb: st
             # one unit per item (each item its own image, as distinct MMEB images are)
             units = [([i], [loaded[1][i]], loaded[2], loaded[3]) for i in range(rows)]
             per_size.append(cost(units))
-    text_units = [([i], [bb.processor.encode_content(f"{rng.choice(_TEXTS)} ({i})", None)], None, None)
-                  for i in range(rows)]
-    txt = cost(text_units)
+    # text items as the engine batches them: sorted by length, 16x as many rows per pass
+    n_txt = 16 * rows
+    ids = sorted((bb.processor.encode_content(f"{rng.choice(_TEXTS)} ({i})", None) for i in range(n_txt)),
+                 key=len, reverse=True)
+    txt = cost([([i], [x], None, None) for i, x in enumerate(ids)])
     n = rows * len(sizes)
     img = {k: sum(s[k] for s in per_size) / n for k in ("roofline_ms", "matrix_ms", "memory_ms", "tflop", "gbytes")}
     res["image"] = dict(img, vision_ms=sum(s["regions"]["vision"]["roofline_ms"] for s in per_size) / n,
                         mfu_ceiling=img["tflop"] / tflops / img["roofline_ms"] * 1e3)
-    res["text"] = {k: txt[k] / rows for k in ("roofline_ms", "matrix_ms", "memory_ms", "tflop", "gbytes")}
+    res["text"] = {k: txt[k] / n_txt for k in ("roofline_ms", "matrix_ms", "memory_ms", "tflop", "gbytes")}
     counts = counted(mmeb, mmeb_images) if mmeb else assumed_counts()
     res["mmeb_counts"] = counts
     floor = lambda key: (counts["image_items"] * res["image"][key] + counts["text_items"] * res["text"][key]) / 1e3  # noqa: E731
