@@ -222,9 +222,9 @@ def suite_roofline(shape: str, sizes: list[tuple[int, int]], rows: int, mmeb: st
     sorted by length (the engine's text batches are long and sorted)."""
     from .backbone.model import DTYPES
     from .bench import shaped_backbone
-    from .bench.roofline import H100_TBS, H100_TFLOPS, FusedNorms, OpCost
+    from .bench.roofline import H100_TBS, H100_TFLOPS, OpCost
     from .evaluation.engine import _Units, collate_units, embed_batch
-    from .memory import FusedAttention, meta_copy
+    from .memory import meta_copy
     from .model import ReMatchModel
 
     tflops, tbs = tflops or H100_TFLOPS, tbs or H100_TBS
@@ -233,18 +233,13 @@ def suite_roofline(shape: str, sizes: list[tuple[int, int]], rows: int, mmeb: st
     bb.merge_lora()
     model = meta_copy(ReMatchModel(bb, k=16, matching="none", template="chat").to(DTYPES[dtype]).eval())
     model.requires_grad_(False)
-    hf = bb.hf
-    regions = {hf.model.visual: "vision", hf.model.language_model: "language model"}
 
     def cost(units: list) -> dict:
         batch = collate_units([(u[0], u[1], None if u[2] is None else u[2].to("meta"), u[3]) for u in units],
                               bb.processor)
-        c = OpCost("meta", regions)
-        try:
-            with c, FusedAttention("cuda"), FusedNorms():
-                embed_batch(model, batch, [["qry"]] * len(units), "meta", DTYPES[dtype], out_device="meta")
-        finally:
-            c.remove_hooks()
+        c = OpCost("meta", bb)
+        with c:
+            embed_batch(model, batch, [["qry"]] * len(units), "meta", DTYPES[dtype], out_device="meta")
         return c.summary(tflops, tbs)
 
     res = {"shape": shape, "dtype": dtype, "lora": "merged", "k": 16, "template": "chat", "rows": rows,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -116,25 +116,38 @@ class OpCost(LiveBytes):
     """Records (count, FLOPs, bytes) of every kernel-launching operator that touches `device`.
 
     Keys: (phase, region, operator) with phase "forward" or "backward" (backward passes and the
-    forward recomputed inside them), region the outermost of `regions` (module -> name) the
-    forward op runs in ("other" outside them). `meta=True` runs the step on meta as `LiveBytes`
-    does (the model's host bookkeeping stays real and uncounted).
+    forward recomputed inside them), region "vision" or "language model" for a forward op inside
+    `backbone`'s tower or language model ("other" elsewhere, and everywhere without `backbone`).
+    On meta (`device="meta"`) the step runs as `LiveBytes` runs it (the model's host bookkeeping
+    stays real and uncounted), and attention and RMSNorm cost the fused kernels a GPU runs
+    (`memory.FusedAttention`, `FusedNorms`).
     """
 
-    def __init__(self, device: str = "meta", regions: dict | None = None):
+    def __init__(self, device: str = "meta", backbone=None):
         super().__init__(meta=device == "meta")
         self.device = device
         self.records: dict[tuple[str, str, str], list] = collections.defaultdict(lambda: [0, 0.0, 0])
         self.kinds: dict[str, str] = {}
+        self._regions = {} if backbone is None else {backbone.hf.model.visual: "vision",
+                                                     backbone.hf.model.language_model: "language model"}
         self._stack: list[str] = []
-        self._hooks = []
-        for module, name in (regions or {}).items():
-            self._hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: self._stack.append(n)))
-            self._hooks.append(module.register_forward_hook(lambda m, a, o: self._stack.pop() and None))
+        self._context = ExitStack()
 
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
+    def __enter__(self):
+        for module, name in self._regions.items():
+            self._context.callback(module.register_forward_pre_hook(
+                lambda m, a, n=name: self._stack.append(n)).remove)
+            self._context.callback(module.register_forward_hook(lambda m, a, o: self._stack.pop() and None).remove)
+        if self.meta:
+            self._context.enter_context(FusedAttention("cuda"))
+            self._context.enter_context(FusedNorms())
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._context.close()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         args, kwargs, out = self._run(func, args, kwargs or {})
@@ -224,16 +237,10 @@ def step_cost(model: ReMatchModel, batch: dict, chunk: int | None = None, device
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    hf = model.backbone.hf
-    regions = {hf.model.visual: "vision", hf.model.language_model: "language model"}
-    cost = OpCost(device, regions)
+    cost = OpCost(device, model.backbone)
     step = training_step(model, batch, chunk, opt)
-    try:
-        with cost, (FusedAttention("cuda") if device == "meta" else nullcontext()), \
-                (FusedNorms() if device == "meta" else nullcontext()):
-            step()
-    finally:
-        cost.remove_hooks()
+    with cost:
+        step()
     return cost
 
 
