@@ -105,6 +105,14 @@ class ReMatchModel(nn.Module):
             parts.append(Vecs(self.fusion.appended(side)))
         return [Segment(parts)]
 
+    def buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Rows of one set of passes grouped by length (`length_buckets`); in sharded training as
+        many passes on every rank (each pass gathers the sharded modules' parameters)."""
+        buckets = length_buckets(lengths, self.bucket_pass_tokens)
+        if self.max_over_ranks is not None:
+            buckets = length_buckets(lengths, self.bucket_pass_tokens, min_buckets=self.max_over_ranks(len(buckets)))
+        return buckets
+
     def embed(self, groups: list[tuple[str, list[Ids]]], feats, grids) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Backbone passes over several groups of contents (rows are independent).
 
@@ -120,10 +128,7 @@ class ReMatchModel(nn.Module):
         bb = self.backbone
         lengths = [n_tokens(r[0].parts) for r in rows]
         states = [None] * len(rows)
-        buckets = length_buckets(lengths, self.bucket_pass_tokens)
-        if self.max_over_ranks is not None:
-            buckets = length_buckets(lengths, self.bucket_pass_tokens, min_buckets=self.max_over_ranks(len(buckets)))
-        for bucket in buckets:
+        for bucket in self.buckets(lengths):
             packed = build_inputs([rows[i] for i in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
                                   bb.processor.pad_id, bb.merge)
             self._count("embed", packed)
@@ -175,11 +180,8 @@ class ReMatchModel(nn.Module):
         rows, owners = head.share_prefix(instances, self.matching_row_tokens if isolate is None else 0)
         views = head.views if isolate is None else [head.views[isolate]]
         lengths = [sum(n_tokens(s.parts) for s in row) for row in rows]
-        buckets = length_buckets(lengths, self.bucket_pass_tokens)
-        if self.max_over_ranks is not None:  # sharded training: every rank runs as many passes
-            buckets = length_buckets(lengths, self.bucket_pass_tokens, min_buckets=self.max_over_ranks(len(buckets)))
         answers, order = [], []
-        for bucket in buckets:
+        for bucket in self.buckets(lengths):
             local = {r: k for k, r in enumerate(bucket)}  # row -> its index in this pass
             packed = build_inputs([rows[r] for r in bucket], bb.embed_tokens, feats, grids, bb.image_token_id,
                                   bb.processor.pad_id, bb.merge)
