@@ -252,7 +252,7 @@ def suite_syncs(backbone: str = "qwen2vl", batch_size: int = 4, image_size: int 
     on the tiny backbone on the CPU. Prints each sync point; returns {run: [sync, ...]}."""
     from .backbone.model import load_backbone
     from .bench import VARIANTS, make_batch
-    from .gradcache import gradcache_step
+    from .memory import training_step
     from .model import ReMatchModel
 
     torch.manual_seed(0)
@@ -275,13 +275,7 @@ def suite_syncs(backbone: str = "qwen2vl", batch_size: int = 4, image_size: int 
         audit(f"step {name}", model, lambda m=model: m(batch)["loss"].backward())
     model = ReMatchModel(bb, **VARIANTS["rematch"]).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def gc_step():
-        gradcache_step(model, batch, chunk, backward=lambda t: t.backward())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    audit(f"GradCache step (chunk {chunk}) + AdamW", model, gc_step, optimizers=[opt])
+    audit(f"GradCache step (chunk {chunk}) + AdamW", model, training_step(model, batch, chunk, opt), optimizers=[opt])
     model.eval()
 
     def encode():

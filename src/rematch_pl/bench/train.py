@@ -85,7 +85,7 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
     chosen = pick_variants(variants)
     if gradcache not in ("both", "on", "off"):
         raise ValueError(f"gradcache={gradcache!r}: choose both, on or off")
-    from ..gradcache import gradcache_step
+    from ..memory import training_step
 
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype, lora_compute=lora_compute, compile=compile, lora_fused=lora_fused,
@@ -105,14 +105,9 @@ def suite_train(shape: str, device: str, dtype: str, batches: list[int], image_s
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-5)
 
-                def run(model=model, opt=opt, gc=gc):  # bound now: the loop rebinds the names
+                def run(model=model, step=training_step(model, batch, gc, opt)):  # bound now: the loop rebinds
                     model.reset_counts()
-                    if gc is None:
-                        model(batch)["loss"].backward()
-                    else:
-                        gradcache_step(model, batch, gc, backward=lambda t: t.backward())
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    step()
 
                 row = {"variant": name, "batch": B, "gradcache_chunk": gc}
                 try:
