@@ -80,13 +80,11 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
 def collate_side(processor, texts: list[str], image_idx: list[int], grids, max_length: int | None = None) -> dict:
     """One side of a batch collated by hand: {ids [N, L] (right-padded), lengths [N], image [N]}
     (`image`: index into the batch's images, -1 for none; `grids` their [n, 3] grids)."""
-    ids = [processor.encode_content(t, None if i < 0 else processor.num_image_tokens(grids[i]), max_length)
-           for t, i in zip(texts, image_idx)]
-    L = max(map(len, ids))
-    out = torch.full((len(ids), L), processor.pad_id)
-    for j, x in enumerate(ids):
-        out[j, : len(x)] = torch.tensor(x)
-    return {"ids": out, "lengths": torch.tensor([len(x) for x in ids]), "image": torch.tensor(image_idx)}
+    from ..data.collate import pad_ids
+
+    ids, lengths = pad_ids([processor.encode_content(t, None if i < 0 else processor.num_image_tokens(grids[i]),
+                                                     max_length) for t, i in zip(texts, image_idx)], processor.pad_id)
+    return {"ids": ids, "lengths": lengths, "image": torch.tensor(image_idx)}
 
 
 def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_pixels: bool = False,
@@ -94,7 +92,7 @@ def make_batch(processor, B: int, image_size: int, device, seed: int = 0, meta_p
     """B (query, positive, negative) triples, MMEB-like: image+instruction queries, text or image docs.
 
     `meta_pixels`: the pixels are a meta tensor of the right shape (memory planning: one image is
-    processed for its grid, the 2B images' pixel values are never made). `pixel_dtype`: the
+    processed for its grid, the batch's pixel values are never made). `pixel_dtype`: the
     vision tower's, as the datamodule collates them (`Backbone.pixel_dtype`).
     """
     from PIL import Image
