@@ -165,6 +165,21 @@ def suite_encode(shape: str, device: str, dtype: str, n_image: int, n_text: int,
     return res
 
 
+def _meta_eval_model(shape: str, dtype: str):
+    """The evaluated model on the meta device (no weights read): the shaped backbone, LoRA merged
+    as `rematch_pl.eval` does by default, K=16, chat template, no matching head."""
+    from .backbone.model import DTYPES
+    from .bench import shaped_backbone
+    from .memory import meta_copy
+    from .model import ReMatchModel
+
+    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
+    bb.merge_lora()
+    model = meta_copy(ReMatchModel(bb, k=16, matching="none", template="chat").to(DTYPES[dtype]).eval())
+    model.requires_grad_(False)
+    return model
+
+
 def suite_memory(shape: str, configs: list[tuple[int, int | None]], size: tuple[int, int], dtype: str = "bf16",
                  target: str = "cuda", gpu_gib: float = 79.0, reserve_gib: float = 4.0) -> dict:
     """Planned peak memory of the evaluation forward, no device needed (`memory.encode_memory`).
@@ -174,16 +189,12 @@ def suite_memory(shape: str, configs: list[tuple[int, int | None]], size: tuple[
     (the engine's `make_batches` rule), LoRA merged, on the real-size model built on meta.
     """
     from .backbone.model import DTYPES
-    from .bench import shaped_backbone
     from .evaluation.engine import _Units, collate_units, make_batches
-    from .memory import GiB, encode_memory, meta_copy
-    from .model import ReMatchModel
+    from .memory import GiB, encode_memory
 
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
-    bb.merge_lora()
-    model = meta_copy(ReMatchModel(bb, k=16, matching="none", template="chat").to(DTYPES[dtype]).eval())
-    model.requires_grad_(False)
+    model = _meta_eval_model(shape, dtype)
+    bb = model.backbone
     budget = gpu_gib - reserve_gib
     res = {"shape": shape, "dtype": dtype, "target": target, "image_size": f"{size[0]}x{size[1]}",
            "gpu_gib": gpu_gib, "reserve_gib": reserve_gib, "runs": []}
@@ -221,18 +232,13 @@ def suite_roofline(shape: str, sizes: list[tuple[int, int]], rows: int, mmeb: st
     (instruction + question + image, as the encode suite); text items: 16 x `rows` MMEB-like texts
     sorted by length (the engine's text batches are long and sorted)."""
     from .backbone.model import DTYPES
-    from .bench import shaped_backbone
     from .bench.roofline import H100_TBS, H100_TFLOPS, OpCost
     from .evaluation.engine import _Units, collate_units, embed_batch
-    from .memory import meta_copy
-    from .model import ReMatchModel
 
     tflops, tbs = tflops or H100_TFLOPS, tbs or H100_TBS
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, "meta", dtype) if shape != "tiny" else meta_copy(shaped_backbone("tiny", "cpu", dtype))
-    bb.merge_lora()
-    model = meta_copy(ReMatchModel(bb, k=16, matching="none", template="chat").to(DTYPES[dtype]).eval())
-    model.requires_grad_(False)
+    model = _meta_eval_model(shape, dtype)
+    bb = model.backbone
 
     def cost(units: list) -> dict:
         batch = collate_units([(u[0], u[1], None if u[2] is None else u[2].to("meta"), u[3]) for u in units],

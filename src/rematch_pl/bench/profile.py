@@ -7,7 +7,8 @@ import time
 import torch
 
 from ..model import ReMatchModel
-from .common import make_batch, pick_variants, shaped_backbone
+from .common import make_batch, matmul_peak_tflops, pick_variants, shaped_backbone
+from .roofline import H100_TFLOPS, OpCost, card_bandwidth_tbs
 
 
 PHASES = ("rematch/vision", "rematch/embed", "rematch/matching")
@@ -101,8 +102,6 @@ def suite_profile(shape: str, device: str, dtype: str, B: int, image_size: int,
     """`profile_step` of one training step of each variant in `VARIANTS` (or `variants`) on the same
     batch, and each operator's time against its roofline (`roofline_efficiency`; on a GPU at its
     measured matmul peak and its data sheet's memory bandwidth, `card_bandwidth_tbs`)."""
-    from .common import matmul_peak_tflops
-    from .roofline import H100_TFLOPS, OpCost, card_bandwidth_tbs
     chosen = pick_variants(variants)
     torch.manual_seed(0)
     bb = shaped_backbone(shape, device, dtype, recompute=recompute)
