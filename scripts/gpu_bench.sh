@@ -13,6 +13,13 @@ fi
 [ -e /tmp/site/.installed ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export REMATCH_CACHE=${REMATCH_CACHE:-/tmp/rematch_cache}
+# The shaped models' texts in Qwen2-VL's tokens when .cache/qwen2_tokenizer is here (scripts/install.sh
+# makes it, `rematch_pl.bench.vocab`; carry it to a machine without network), else in the tiny
+# 640-entry BPE's (about 1.5x Qwen2's text tokens). The log and the JSON say which.
+if [ -z "${REMATCH_BENCH_TOKENIZER:-}" ] && [ -e .cache/qwen2_tokenizer/tokenizer.json ]; then
+  export REMATCH_BENCH_TOKENIZER=$PWD/.cache/qwen2_tokenizer
+fi
+echo "text tokenizer: ${REMATCH_BENCH_TOKENIZER:-tiny BPE}" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$LOG"
 run() {

@@ -8,3 +8,10 @@ PY=${PYTHON:-python3.11}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"  # DeepSpeed: no compiled ops
+# Qwen's BPE ranks (`qwen.tiktoken`, a data file inside the Apache-2.0 dashscope wheel; the wheel is
+# kept in .cache/, not installed): `python -m rematch_pl.bench.vocab` makes Qwen2-VL's tokenizer
+# from them for the 2B/7B-shaped benchmarks (`--tokenizer`), without hub access.
+ls .cache/dashscope-2.0.2-*.whl >/dev/null 2>&1 ||
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: dashscope==2.0.2 -d .cache
+.venv/bin/python -m rematch_pl.bench.vocab --source .cache/dashscope-2.0.2-py3-none-any.whl \
+  --out .cache/qwen2_tokenizer >/dev/null  # once (reused when complete)

@@ -18,6 +18,7 @@ candidates: the label set for classification); the assumption is printed with th
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -351,6 +352,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", action="store_true",
                     help="encode suite: torch.compile the decoder layers and vision blocks (eval.compile=true)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--tokenizer", default=None,
+                    help="2b/7b shapes: the text tokenizer (as `python -m rematch_pl.bench --tokenizer`; default "
+                         "$REMATCH_BENCH_TOKENIZER, else the tiny model's 640-entry BPE)")
     ap.add_argument("--out", type=Path, default=None)
     return ap
 
@@ -360,24 +364,29 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from .bench import write_results
+    from .bench.common import TOKENIZER_ENV, bench_tokenizer
+
+    if a.tokenizer:  # every shaped backbone of the run reads it
+        os.environ[TOKENIZER_ENV] = a.tokenizer
+
+    def write(res: dict) -> dict:
+        res["tokenizer"] = bench_tokenizer() or "tiny BPE (640 entries)"
+        write_results(res, a.out)
+        return res
+
     tiny = a.shape == "tiny"
     if a.suite == "memory":
-        from .bench import write_results
-
         size = tuple(int(x) for x in (a.image_sizes or ("112x112" if tiny else "1024x768")).split(",")[0].split("x"))
         configs = [(int(r), None if t == "none" else int(t)) for r, t in (c.split(":") for c in a.configs.split(","))]
         res = suite_memory(a.shape, configs, size, a.dtype or "bf16", "cuda" if not tiny else "cpu", a.gpu_gib,
                            a.reserve_gib)
-        write_results(res, a.out)
-        return res
+        return write(res)
     if a.suite == "roofline":
-        from .bench import write_results
-
         sizes = [tuple(int(x) for x in s.split("x")) for s in
                  (a.image_sizes or ("112x112,84x112" if tiny else "640x480,500x375,1024x768")).split(",")]
         res = suite_roofline(a.shape, sizes, a.rows, a.mmeb, a.mmeb_images, a.dtype or "bf16")
-        write_results(res, a.out)
-        return res
+        return write(res)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     sizes = a.image_sizes or ("112x112,84x112" if tiny else "640x480,500x375,1024x768")
     sizes = [tuple(int(x) for x in s.split("x")) for s in sizes.split(",")]
@@ -386,10 +395,7 @@ def main(argv=None) -> dict:
     res = suite_encode(a.shape, a.device, dtype, n_image, n_text, a.batch, workers, sizes, a.mmeb, a.mmeb_images,
                        a.lora, a.max_tokens or None, compile=a.compile)
     print_table(res)
-    from .bench import write_results
-
-    write_results(res, a.out)
-    return res
+    return write(res)
 
 
 if __name__ == "__main__":

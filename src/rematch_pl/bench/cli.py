@@ -34,11 +34,12 @@ into one JSON (what `scripts/gpu_bench.sh` runs, plus the matching and encode su
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
-from .common import VARIANTS, pick_variants, write_results
+from .common import TOKENIZER_ENV, VARIANTS, bench_tokenizer, pick_variants, write_results
 from .flops import suite_flops
 from .kernels import suite_lora, suite_vision
 from .plan import suite_memory
@@ -93,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
                     help="--suite roofline: the card's memory bandwidth in TB/s (default: the H100 SXM's 3.35)")
     ap.add_argument("--top", type=int, default=12, help="--suite roofline: operators listed per variant")
     ap.add_argument("--warmup", type=int, default=1, help="--suite train: untimed steps per run (compilation)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="2b/7b shapes (and the token counts of --suite flops): the text tokenizer, a Qwen2-VL checkpoint "
+                         "folder or hub id, or the folder `python -m rematch_pl.bench.vocab` writes (default "
+                         "$REMATCH_BENCH_TOKENIZER, else the tiny model's 640-entry BPE)")
     ap.add_argument("--out", type=Path, default=None)
     return ap
 
@@ -107,6 +112,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(f"--variants: {e}")
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
+    if a.tokenizer:  # every shaped backbone of the run reads it (`bench_tokenizer`)
+        os.environ[TOKENIZER_ENV] = a.tokenizer
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
     if a.suite == "gpu":
         if a.device != "cuda":
@@ -153,5 +160,6 @@ def main(argv=None) -> dict:
     else:
         res = suite_matching(a.shape, a.device, dtype, a.batch, image_size, a.iters)
         print_table(res)
+    res["tokenizer"] = bench_tokenizer() or "tiny BPE (640 entries)"
     write_results(res, a.out)
     return res

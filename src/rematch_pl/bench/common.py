@@ -5,6 +5,7 @@ peak, and how figures are printed and written."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,18 +23,51 @@ SHAPES = {
 }
 
 
+TOKENIZER_ENV = "REMATCH_BENCH_TOKENIZER"
+SHAPED_PIXELS = (256 * 28 * 28, 1280 * 28 * 28)  # Qwen2-VL's min/max pixels, as upstream MMEB training uses
+
+
+def bench_tokenizer(tokenizer: str | None = None) -> str | None:
+    """The tokenizer the shaped benchmarks use: `tokenizer`, else ``$REMATCH_BENCH_TOKENIZER``
+    (`--tokenizer`), else None: the tiny model's own 640-entry BPE."""
+    return tokenizer or os.environ.get(TOKENIZER_ENV) or None
+
+
+def bench_processor(min_pixels: int | None, max_pixels: int | None, tokenizer: str | None = None):
+    """The tiny checkpoint's image processor (Qwen2-VL's, resizing into `min_pixels`..`max_pixels`)
+    with the tiny BPE, or with the tokenizer of `tokenizer` (a Qwen2-VL checkpoint folder or hub
+    id, or the folder `rematch_pl.bench.vocab` writes)."""
+    from transformers import AutoTokenizer
+
+    from ..backbone.processor import MultimodalProcessor
+    from ..backbone.tiny import resolve_tiny
+
+    proc = MultimodalProcessor.from_pretrained(resolve_tiny("qwen2vl"), min_pixels=min_pixels, max_pixels=max_pixels)
+    if tokenizer is None:
+        return proc
+    if (os.sep in tokenizer or tokenizer.startswith(".")) and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"bench tokenizer {tokenizer!r}: no such folder (make one with `python -m "
+                                "rematch_pl.bench.vocab --out DIR`, or pass a Qwen2-VL checkpoint folder or hub id)")
+    tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+    tok.padding_side = "right"
+    return MultimodalProcessor(tok, proc.image_processor)
+
+
 def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_compute: str = "backbone",
                     compile: bool = False, lora_fused: bool = True, fused_norm: bool = True,
-                    recompute: bool | None = None, lora_dropout: float = 0.0) -> Backbone:
-    """A tiny backbone, or a real-size one built from config with the tiny tokenizer.
+                    recompute: bool | None = None, lora_dropout: float = 0.0, tokenizer: str | None = None) -> Backbone:
+    """A tiny backbone, or a real-size one built from config (random weights, no download).
 
     `compile`: each decoder layer and vision block through `torch.compile`, as `backbone.compile=true` does.
     `lora_fused`: the LoRA scaling and add in the B product's epilogue (`backbone.lora.fused`).
     `fused_norm`: RMSNorms as one `F.rms_norm` (`backbone.fused_rms_norm`). `recompute`:
     gradient checkpointing (`backbone.gradient_checkpointing`); None: on for 2b/7b, off for tiny.
     `lora_dropout`: PEFT's dropout on every LoRA input (`backbone.lora.dropout`; 0.05 in the
-    shipped configs, 0 here by default)."""
-    if shape == "tiny":
+    shipped configs, 0 here by default). `tokenizer` (default `bench_tokenizer()`): the text
+    tokenizer (`bench_processor`); the model's vocabulary and special-token ids follow it (the
+    tiny shape then gets random weights too: for counting tokens, not for learning)."""
+    tokenizer = bench_tokenizer(tokenizer)
+    if shape == "tiny" and tokenizer is None:
         bb = load_backbone("tiny://qwen2vl", dtype=dtype,
                            lora={"r": lora_r, "alpha": 2 * lora_r, "dropout": lora_dropout, "compute_dtype": lora_compute,
                                  "fused": lora_fused},
@@ -45,22 +79,27 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
     from ..backbone.lora import LLM_LINEAR, lora_in_activation_dtype, lora_target_regex
     from ..backbone.model import DTYPES, compile_backbone, enable_recompute
     from ..backbone.norm import fuse_rms_norms
-    from ..backbone.processor import MultimodalProcessor
     from ..backbone.tiny import resolve_tiny
 
     tiny = resolve_tiny("qwen2vl")
-    proc = MultimodalProcessor.from_pretrained(tiny, min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
     base = Qwen2VLConfig.from_pretrained(tiny)
-    s = SHAPES[shape]
-    head_dim = s["text"]["hidden_size"] // s["text"]["num_attention_heads"]
-    sec = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
-    text = dict(base.text_config.to_dict(), **s["text"], vocab_size=151936,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sec})
-    text.pop("layer_types", None)  # the tiny config's per-layer list has the tiny depth: derive it from the new one
-    vision = dict(base.vision_config.to_dict(), **s["vision"], hidden_size=s["text"]["hidden_size"])
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=base.image_token_id,
-                        video_token_id=base.video_token_id, vision_start_token_id=base.vision_start_token_id,
-                        vision_end_token_id=base.vision_end_token_id)
+    text, vision = base.text_config.to_dict(), base.vision_config.to_dict()
+    if shape == "tiny":
+        proc = bench_processor(None, None, tokenizer)
+    else:
+        proc = bench_processor(*SHAPED_PIXELS, tokenizer)
+        s = SHAPES[shape]
+        head_dim = s["text"]["hidden_size"] // s["text"]["num_attention_heads"]
+        sec = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+        text = dict(text, **s["text"], vocab_size=151936,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sec})
+        text.pop("layer_types", None)  # the tiny config's per-layer list has the tiny depth: derive it from the new one
+        vision = dict(vision, **s["vision"], hidden_size=s["text"]["hidden_size"])
+    n_vocab = len(proc.tokenizer)
+    text["vocab_size"] = max(text["vocab_size"], n_vocab + (-n_vocab) % 64)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=proc.image_token_id,
+                        video_token_id=proc.tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                        vision_start_token_id=proc.vision_start_id, vision_end_token_id=proc.vision_end_id)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=DTYPES[dtype], attn_implementation="sdpa")
     if fused_norm:  # as load_backbone does by default (backbone.fused_rms_norm)
@@ -69,9 +108,9 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
                                              target_modules=lora_target_regex(LLM_LINEAR)))
     if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
         lora_in_activation_dtype(model, fused=lora_fused)
-    if recompute is None or recompute:
+    if recompute if shape == "tiny" else (recompute is None or recompute):
         enable_recompute(model.get_base_model())
-    bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random")
+    bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random" + ("" if tokenizer is None else f"+{tokenizer}"))
     if compile:
         compile_backbone(bb)
     return bb

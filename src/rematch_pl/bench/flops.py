@@ -6,7 +6,7 @@ import torch
 
 from ..backbone.model import Backbone, recompute_enabled
 from ..model import ReMatchModel
-from .common import VARIANTS, make_batch, print_rows, shaped_backbone
+from .common import VARIANTS, bench_processor, bench_tokenizer, make_batch, print_rows, shaped_backbone
 
 
 def llm_forward_flops(bb: Backbone, tokens: int, attn_pairs: int) -> float:
@@ -66,14 +66,11 @@ def suite_flops(shape: str, B: int, image_size: int, chunk: int = 0, recompute: 
     counts (`step_flops`, a parameter-free copy on the meta device, gradient checkpointing as
     `recompute` says: on by default).
     """
-    from ..backbone.processor import MultimodalProcessor
-    from ..backbone.tiny import resolve_tiny
-
     torch.manual_seed(0)
     big = shaped_backbone(shape, "meta", "bf16", recompute=recompute)  # parameter counts only
     tiny = shaped_backbone("tiny", "cpu", "fp32")
     lo, hi = big.processor.pixel_range
-    tiny.processor = MultimodalProcessor.from_pretrained(resolve_tiny("qwen2vl"), min_pixels=lo, max_pixels=hi)
+    tiny.processor = bench_processor(lo, hi, bench_tokenizer())
     batch = make_batch(tiny.processor, B, image_size, "cpu")
     patches = batch["image_grid_thw"].prod(-1).tolist()
     res = {"shape": shape, "batch": B, "image_size": image_size, "gradcache_chunk": chunk or None,
