@@ -117,6 +117,40 @@ def test_fused_norms_cost_one_kernel_each_way(tiny_meta):
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
 
 
+def test_dropout_costs_cudas_fused_kernel_each_way():
+    """On meta `F.dropout` decomposes into a mask, a division and a product; CUDA runs one
+    kernel each way (the output and a bool mask written; the gradient and the mask read)."""
+    n = 4096
+    x = torch.randn(n, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    fwd, bwd = OpCost("meta"), OpCost("meta")
+    with fwd:
+        y = F.dropout(x, 0.05, training=True)
+    dy = torch.ones_like(y)
+    with bwd:
+        y.backward(dy)
+    assert {k[2]: v for k, v in fwd.records.items()} == {"aten.native_dropout": [1, 0.0, 2 * n + 2 * n + n]}
+    assert {k[2]: v for k, v in bwd.records.items()} == {
+        "aten.native_dropout_backward (NativeDropoutBackward0)": [1, 0.0, 2 * n + n + 2 * n]}
+
+
+def test_roofline_suite_with_lora_dropout(tmp_path):
+    """`--lora-dropout`: every LoRA input's dropout is one fused kernel (no decomposed mask), and it
+    costs time on top of the step without it."""
+    from rematch_pl.bench.cli import main
+
+    res = {}
+    for p in ("0", "0.05"):
+        out = tmp_path / f"roofline_{p}.json"
+        main(["--suite", "roofline", "--shape", "tiny", "--batch", "2", "--image-size", "112", "--chunk", "0",
+              "--variants", "baseline", "--lora-dropout", p, "--out", str(out)])
+        res[p] = json.loads(out.read_text())
+    ops = {r["op"] for r in res["0.05"]["runs"]["baseline"]["ops"]}
+    assert "aten.native_dropout" in ops and not any("bernoulli" in op for op in ops)
+    assert not any("dropout" in r["op"] for r in res["0"]["runs"]["baseline"]["ops"])
+    assert res["0.05"]["lora_dropout"] == 0.05
+    assert res["0.05"]["runs"]["baseline"]["roofline_ms"] > res["0"]["runs"]["baseline"]["roofline_ms"]
+
+
 def test_roofline_suite_writes_every_variant(tmp_path, capsys):
     from rematch_pl.bench.cli import main
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rematch_pl.backbone.model import load_backbone
 from rematch_pl.bench import VARIANTS, make_batch
 from rematch_pl.gradcache import gradcache_step
-from rematch_pl.memory import FusedAttention, LiveBytes, meta_copy, step_memory, to_meta
+from rematch_pl.memory import FusedAttention, FusedDropout, LiveBytes, meta_copy, step_memory, to_meta
 from rematch_pl.model import ReMatchModel
 
 
@@ -87,6 +87,31 @@ def test_fused_attention_on_meta_holds_no_score_matrix(masked):
         peaks[fused] = mode.peak
     assert peaks[False] > 2 * scores  # the math path: scores and their softmax
     assert peaks[True] < scores + (2 * L * L if masked else 0)  # at most the mask as an additive bias
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_fused_dropout_keeps_the_mask_the_target_keeps(target):
+    """PEFT's LoRA dropout: on meta (as on the CPU) `F.dropout` keeps a mask in the input's dtype
+    for backward; CUDA's fused kernel keeps a bool one. Real tensors, eval mode and p=0 take the
+    real function."""
+    n = 1 << 16
+    x = torch.empty(n, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    mode = LiveBytes(meta=True)
+    with mode, FusedDropout(target):
+        y = F.dropout(x, 0.1, training=True)
+    assert y.shape == x.shape and y.grad_fn is not None
+    mask_bytes = mode.now - n * 2  # live: the output and what backward keeps
+    assert mask_bytes == (n if target == "cuda" else n * 2)
+    assert y.grad_fn.name() == ("NativeDropoutBackward0" if target == "cuda" else "MulBackward0")
+    name = lambda t: t.grad_fn and t.grad_fn.name()  # noqa: E731
+    plain = [name(F.dropout(x, 0.0, training=True)), name(F.dropout(x, 0.5, training=False))]
+    real = torch.ones(1000)
+    with FusedDropout("cuda"):
+        assert [name(F.dropout(x, 0.0, training=True)), name(F.dropout(x, 0.5, training=False))] == plain
+        assert torch.equal(F.dropout(real, 0.5, training=False), real)
+        kept = F.dropout(real, 0.5, training=True)
+    assert set(kept.unique().tolist()) == {0.0, 2.0}  # the real CPU dropout
+    assert F.dropout is not None and F.dropout.__name__ == "dropout"  # restored on exit
 
 
 def test_fused_attention_rejects_unknown_target():

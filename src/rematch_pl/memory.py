@@ -9,6 +9,8 @@ high-water mark: run on real tensors it measures a step, run with `meta=True` it
 real device takes (on meta, PyTorch would otherwise take the math path and hold the full
 attention matrix): `target="cuda"` flash attention without a mask, memory-efficient attention
 with one, as on an H100; `target="cpu"` the CPU flash kernel (what the CPU test compares with).
+`FusedDropout` likewise gives `F.dropout` (PEFT's LoRA dropout) CUDA's one fused kernel and its
+bool mask; `target_kernels(target)` enters both.
 
 `plan_step` plans one training step as the trainer runs it (AdamW, GradCache) and
 `check_memory` is `train.memory_check`: the configured model, built from its config on meta,
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Callable
 
 import torch
@@ -166,6 +168,34 @@ class FusedAttention(SwapFunctional):
                                                             scale=scale)[0]
 
 
+class FusedDropout(SwapFunctional):
+    """Within it, `F.dropout` on meta tensors takes the kernel `target` runs. CUDA runs one fused
+    kernel (`aten.native_dropout`: reads the input, writes the output and a bool mask, and its
+    backward one kernel reading the gradient and that mask); meta, like the CPU, decomposes it
+    into a mask in the input's dtype, a division and a product (more bytes moved and kept)."""
+
+    name = "dropout"
+
+    def __init__(self, target: str = "cuda"):
+        self.target = target
+        self._saved = None
+
+    def replacement(self, input, p=0.5, training=True, inplace=False):
+        if self.target != "cuda" or not _is_meta(input) or not training or not 0.0 < p < 1.0:
+            return self._saved(input, p, training, inplace)
+        out = torch.ops.aten.native_dropout(input, p, training)[0]
+        return input.copy_(out) if inplace else out
+
+
+def target_kernels(target: str = "cuda") -> ExitStack:
+    """The fused kernels `target` runs for meta tensors: attention (`FusedAttention`) and
+    dropout (`FusedDropout`), entered together."""
+    stack = ExitStack()
+    stack.enter_context(FusedAttention(target))
+    stack.enter_context(FusedDropout(target))
+    return stack
+
+
 def to_meta(batch):
     """The batch with its float tensors (pixels) on meta; ids, lengths and grids stay real."""
     return tree_map_only(torch.Tensor, lambda t: t.to("meta") if t.is_floating_point() else t, batch)
@@ -197,7 +227,7 @@ def step_memory(model: torch.nn.Module, batch: dict, step: Callable[[], None], o
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     states = mode.now - weights - inputs
-    with mode, (FusedAttention(target) if meta else nullcontext()):
+    with mode, (target_kernels(target) if meta else nullcontext()):
         mode.reset_peak()
         step()
     return {"weights": weights, "inputs": inputs, "optimizer": states, "resident": mode.now, "peak": mode.peak,
@@ -213,7 +243,7 @@ def encode_memory(model: torch.nn.Module, batch: dict, sides: list[list[str]], m
 
     p = next(model.parameters())
     mode, weights, inputs = _tracking(model, batch, meta)
-    with mode, (FusedAttention(target) if meta else nullcontext()):
+    with mode, (target_kernels(target) if meta else nullcontext()):
         mode.reset_peak()
         out = embed_batch(model, batch, sides, p.device, p.dtype, out_device=p.device)
         del out

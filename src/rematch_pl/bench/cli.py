@@ -86,8 +86,8 @@ def parser() -> argparse.ArgumentParser:
                     help="--suite train | memory | profile | flops: gradient checkpointing (default: on for 2b/7b, "
                          "off for tiny; backbone.gradient_checkpointing)")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
-                    help="--suite train: PEFT's dropout on the LoRA inputs (backbone.lora.dropout: 0.05 in the shipped "
-                         "configs; default 0 here)")
+                    help="--suite train | roofline | memory: PEFT's dropout on the LoRA inputs (backbone.lora.dropout: "
+                         "0.05 in the shipped 2B/7B configs; default 0 here)")
     ap.add_argument("--peak-tflops", type=float, default=H100_TFLOPS,
                     help="--suite roofline: the card's bf16 matrix-product peak (default: the H100's, measured)")
     ap.add_argument("--bandwidth-tbs", type=float, default=H100_TBS,
@@ -130,11 +130,12 @@ def main(argv=None) -> dict:
                           recompute=recompute)
     elif a.suite == "roofline":
         res = suite_roofline("2b" if a.shape == "tiny" else a.shape, a.batch, a.image_size or 448, variants,
-                             a.chunk, recompute, a.peak_tflops, a.bandwidth_tbs, a.top)
+                             a.chunk, recompute, a.peak_tflops, a.bandwidth_tbs, a.top, lora_dropout=a.lora_dropout)
     elif a.suite == "memory":
         batches = [int(x) for x in (a.batches or str(a.batch)).split(",")]
         res = suite_memory(a.shape, image_size, batches, a.chunk, a.gpu_gib, a.reserve_gib, a.search,
-                           a.dtype or "bf16", lora_compute=a.lora_compute, recompute=recompute)
+                           a.dtype or "bf16", lora_compute=a.lora_compute, recompute=recompute,
+                           lora_dropout=a.lora_dropout)
     elif a.suite == "profile":
         print(f"bench profile: shape={a.shape} device={a.device} dtype={dtype} batch={a.batch}")
         res = suite_profile(a.shape, a.device, dtype, a.batch, image_size, variants, recompute=recompute)

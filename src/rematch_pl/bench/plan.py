@@ -14,7 +14,7 @@ from .train import largest_batch
 
 def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gpu_gib: float, reserve_gib: float,
                  search_limit: int = 0, dtype: str = "bf16", target: str = "cuda",
-                 lora_compute: str = "backbone", recompute: bool | None = None) -> dict:
+                 lora_compute: str = "backbone", recompute: bool | None = None, lora_dropout: float = 0.0) -> dict:
     """Predicted peak memory of one training step of each variant, no device needed.
 
     The real-size model is built on meta and the step runs there (`memory.step_memory`): the
@@ -24,15 +24,18 @@ def suite_memory(shape: str, image_size: int, batches: list[int], chunk: int, gp
     context, kernel workspaces and fragmentation). `search_limit` > 0: also the largest batch
     that fits for the baseline and full ReMatch, with and without GradCache. `lora_compute`:
     the LoRA branch's dtype (`backbone.lora.compute_dtype`); `recompute`: gradient checkpointing
-    (None: on for 2b/7b, off for tiny).
+    (None: on for 2b/7b, off for tiny); `lora_dropout`: PEFT's dropout on every LoRA input
+    (`backbone.lora.dropout`, 0.05 in the shipped 2B/7B configs; on meta as CUDA's fused kernel).
     """
     from ..memory import GiB, meta_copy, plan_step
 
     torch.manual_seed(0)
-    bb = (shaped_backbone(shape, "meta", dtype, lora_compute=lora_compute, recompute=recompute) if shape != "tiny"
-          else meta_copy(shaped_backbone("tiny", "cpu", dtype, lora_compute=lora_compute, recompute=recompute)))
+    kw = dict(lora_compute=lora_compute, recompute=recompute, lora_dropout=lora_dropout)
+    bb = (shaped_backbone(shape, "meta", dtype, **kw) if shape != "tiny"
+          else meta_copy(shaped_backbone("tiny", "cpu", dtype, **kw)))
     budget = gpu_gib - reserve_gib
-    res = {"shape": shape, "dtype": dtype, "lora_compute": lora_compute, "recompute": recompute_enabled(bb.hf),
+    res = {"shape": shape, "dtype": dtype, "lora_compute": lora_compute, "lora_dropout": lora_dropout,
+           "recompute": recompute_enabled(bb.hf),
            "target": target, "image_size": image_size,
            "gpu_gib": gpu_gib, "reserve_gib": reserve_gib, "runs": [], "largest_batch": []}
     seen: dict[tuple, dict] = {}

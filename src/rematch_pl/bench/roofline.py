@@ -15,8 +15,8 @@ traffic of the elementwise, cast and copy kernels between them (what kernel fusi
 these kernels could reach at best. A measured step (`--suite train`, `--suite profile`) over
 this bound is the kernels' inefficiency plus launch gaps.
 
-Run on meta as `--suite memory` runs (`memory.LiveBytes` placement, `memory.FusedAttention`:
-the attention kernels an H100 takes), a step is counted for the 2B/7B shapes on any machine.
+Run on meta as `--suite memory` runs (`memory.LiveBytes` placement, `memory.target_kernels`:
+the attention and dropout kernels an H100 takes), a step is counted for the 2B/7B shapes on any machine.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-from ..memory import FusedAttention, LiveBytes, SwapFunctional, meta_copy, to_meta, training_step
+from ..memory import LiveBytes, SwapFunctional, meta_copy, target_kernels, to_meta, training_step
 from ..model import ReMatchModel
 from .common import make_batch, pick_variants, print_rows, shaped_backbone
 
@@ -119,8 +119,8 @@ class OpCost(LiveBytes):
     forward recomputed inside them), region "vision" or "language model" for a forward op inside
     `backbone`'s tower or language model ("other" elsewhere, and everywhere without `backbone`).
     On meta (`device="meta"`) the step runs as `LiveBytes` runs it (the model's host bookkeeping
-    stays real and uncounted), and attention and RMSNorm cost the fused kernels a GPU runs
-    (`memory.FusedAttention`, `FusedNorms`).
+    stays real and uncounted), and attention, dropout and RMSNorm cost the fused kernels a GPU
+    runs (`memory.target_kernels`, `FusedNorms`).
     """
 
     def __init__(self, device: str = "meta", backbone=None):
@@ -139,7 +139,7 @@ class OpCost(LiveBytes):
                 lambda m, a, n=name: self._stack.append(n)).remove)
             self._context.callback(module.register_forward_hook(lambda m, a, o: self._stack.pop() and None).remove)
         if self.meta:
-            self._context.enter_context(FusedAttention("cuda"))
+            self._context.enter_context(target_kernels("cuda"))
             self._context.enter_context(FusedNorms())
         return super().__enter__()
 
@@ -246,19 +246,22 @@ def step_cost(model: ReMatchModel, batch: dict, chunk: int | None = None, device
 
 def suite_roofline(shape: str, B: int, image_size: int, variants: list[str] | None = None, chunk: int = 0,
                    recompute: bool | None = None, tflops: float = H100_TFLOPS, tbs: float = H100_TBS,
-                   top: int = 12) -> dict:
-    """Roofline time of one training step of each variant for a 2B/7B shape (bf16, meta device)."""
+                   top: int = 12, lora_dropout: float = 0.0) -> dict:
+    """Roofline time of one training step of each variant for a 2B/7B shape (bf16, meta device);
+    `lora_dropout`: PEFT's dropout on every LoRA input (0.05 in the shipped 2B/7B configs)."""
     from .common import VARIANTS
 
     torch.manual_seed(0)
-    bb = shaped_backbone(shape, "meta", "bf16", recompute=recompute) if shape != "tiny" else \
-        meta_copy(shaped_backbone("tiny", "cpu", "bf16", recompute=recompute))
+    kw = dict(recompute=recompute, lora_dropout=lora_dropout)
+    bb = shaped_backbone(shape, "meta", "bf16", **kw) if shape != "tiny" else \
+        meta_copy(shaped_backbone("tiny", "cpu", "bf16", **kw))
     from ..backbone.model import recompute_enabled
 
     res = {"shape": shape, "batch": B, "image_size": image_size, "gradcache_chunk": chunk or None,
-           "recompute": recompute_enabled(bb.hf), "runs": {}}
+           "recompute": recompute_enabled(bb.hf), "lora_dropout": lora_dropout, "runs": {}}
     title = (f"bench roofline: Qwen2-VL-{shape} shape, bf16, batch {B} triples, {image_size} px images, gradient "
-             f"checkpointing {'on' if res['recompute'] else 'off'}{f', GradCache chunks of {chunk}' if chunk else ''}; "
+             f"checkpointing {'on' if res['recompute'] else 'off'}{f', GradCache chunks of {chunk}' if chunk else ''}"
+             f"{f', LoRA dropout {lora_dropout:g}' if lora_dropout else ''}; "
              f"{tflops:g} TFLOP/s matrix peak, {tbs:g} TB/s memory (H100 defaults)")
     rows = []
     for name in pick_variants(variants):
