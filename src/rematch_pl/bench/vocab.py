@@ -82,7 +82,7 @@ def qwen2_tokenizer(source: str | os.PathLike | None = None):
         def load_tiktoken_bpe(_):
             return ranks
 
-    tok = _Converter(vocab_file=str(source), pattern=QWEN2_PATTERN, extra_special_tokens=SPECIAL_TOKENS).converted()
+    tok = _Converter(vocab_file=RANKS_NAME, pattern=QWEN2_PATTERN, extra_special_tokens=SPECIAL_TOKENS).converted()
     found = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if found != list(range(N_RANKS, N_RANKS + len(SPECIAL_TOKENS))):
         raise ValueError(f"special tokens got ids {found}, expected {N_RANKS}..")
