@@ -89,6 +89,29 @@ def test_fused_attention_on_meta_holds_no_score_matrix(masked):
     assert peaks[True] < scores + (2 * L * L if masked else 0)  # at most the mask as an additive bias
 
 
+def test_fused_attention_keeps_grouped_kv_heads_for_flash():
+    """Without a mask transformers passes grouped KV heads with `enable_gqa` and CUDA's flash kernel
+    reads them as they are: nothing repeated is made or kept for backward. Under a mask (the
+    memory-efficient kernel) they are repeated, as that kernel needs."""
+    L, H, G, D = 1024, 8, 2, 64
+    q = torch.empty(1, H, L, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    k = torch.empty(1, G, L, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    v = torch.empty(1, G, L, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    kv_repeated = 2 * H * L * D * 2
+    kept = {}
+    for masked in (False, True):
+        mask = torch.zeros(1, 1, L, L, dtype=torch.bfloat16, device="meta") if masked else None
+        mode = LiveBytes(meta=True)
+        with mode, FusedAttention("cuda"):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked, enable_gqa=True)
+        kept[masked] = mode.now - out.numel() * 2  # what the attention keeps for backward besides its output
+        out.float().sum().backward()
+        assert out.shape == q.shape and k.grad.shape == k.shape
+        k.grad = v.grad = q.grad = None
+    assert kept[False] < H * L * 4 + 64  # the log-sum-exp (fp32) and the RNG state only
+    assert kept[True] >= kv_repeated  # the repeated k and v
+
+
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
 def test_fused_dropout_keeps_the_mask_the_target_keeps(target):
     """PEFT's LoRA dropout: on meta (as on the CPU) `F.dropout` keeps a mask in the input's dtype

@@ -159,11 +159,13 @@ class FusedAttention(SwapFunctional):
         if self.target == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=mask,
                                                                     scale=scale)[0]
-        if k.shape[-3] != q.shape[-3]:  # grouped KV heads: the fused CUDA kernels want them repeated
+        if mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            # flash attention takes grouped KV heads as they are (transformers passes enable_gqa
+            # without a mask): it reads, and keeps for backward, k and v unrepeated
+            return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        if k.shape[-3] != q.shape[-3]:  # the memory-efficient kernel wants grouped KV heads repeated
             rep = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-        if mask is None and q.dtype in (torch.float16, torch.bfloat16):
-            return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
         return aten._scaled_dot_product_efficient_attention(q, k, v, mask, q.requires_grad, dropout_p, is_causal,
                                                             scale=scale)[0]
 
