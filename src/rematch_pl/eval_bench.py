@@ -18,7 +18,6 @@ candidates: the label set for classification); the assumption is printed with th
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
@@ -365,13 +364,12 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     from .bench import write_results
-    from .bench.common import TOKENIZER_ENV, bench_tokenizer
+    from .bench.common import use_bench_tokenizer
 
-    if a.tokenizer:  # every shaped backbone of the run reads it
-        os.environ[TOKENIZER_ENV] = a.tokenizer
+    tokenizer = use_bench_tokenizer(a.tokenizer)
 
     def write(res: dict) -> dict:
-        res["tokenizer"] = bench_tokenizer() or "tiny BPE (640 entries)"
+        res["tokenizer"] = tokenizer
         write_results(res, a.out)
         return res
 

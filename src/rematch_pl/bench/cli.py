@@ -34,12 +34,11 @@ into one JSON (what `scripts/gpu_bench.sh` runs, plus the matching and encode su
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
-from .common import TOKENIZER_ENV, VARIANTS, bench_tokenizer, pick_variants, write_results
+from .common import VARIANTS, pick_variants, use_bench_tokenizer, write_results
 from .flops import suite_flops
 from .kernels import suite_lora, suite_vision
 from .plan import suite_memory
@@ -112,8 +111,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(f"--variants: {e}")
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
-    if a.tokenizer:  # every shaped backbone of the run reads it (`bench_tokenizer`)
-        os.environ[TOKENIZER_ENV] = a.tokenizer
+    tokenizer = use_bench_tokenizer(a.tokenizer)
     image_size = a.image_size or (112 if a.shape == "tiny" else 448)
     if a.suite == "gpu":
         if a.device != "cuda":
@@ -161,6 +159,6 @@ def main(argv=None) -> dict:
     else:
         res = suite_matching(a.shape, a.device, dtype, a.batch, image_size, a.iters)
         print_table(res)
-    res["tokenizer"] = bench_tokenizer() or "tiny BPE (640 entries)"
+    res["tokenizer"] = tokenizer
     write_results(res, a.out)
     return res

@@ -33,6 +33,14 @@ def bench_tokenizer(tokenizer: str | None = None) -> str | None:
     return tokenizer or os.environ.get(TOKENIZER_ENV) or None
 
 
+def use_bench_tokenizer(tokenizer: str | None) -> str:
+    """A CLI's `--tokenizer`: every shaped backbone of the run takes it (``$REMATCH_BENCH_TOKENIZER``);
+    returns what the results record as their tokenizer."""
+    if tokenizer:
+        os.environ[TOKENIZER_ENV] = tokenizer
+    return bench_tokenizer() or "tiny BPE (640 entries)"
+
+
 def bench_processor(min_pixels: int | None, max_pixels: int | None, tokenizer: str | None = None):
     """The tiny checkpoint's image processor (Qwen2-VL's, resizing into `min_pixels`..`max_pixels`)
     with the tiny BPE, or with the tokenizer of `tokenizer` (a Qwen2-VL checkpoint folder or hub
@@ -108,7 +116,7 @@ def shaped_backbone(shape: str, device: str, dtype: str, lora_r: int = 32, lora_
                                              target_modules=lora_target_regex(LLM_LINEAR)))
     if lora_compute == "backbone":  # as load_backbone does by default (LoraSettings.compute_dtype)
         lora_in_activation_dtype(model, fused=lora_fused)
-    if recompute if shape == "tiny" else (recompute is None or recompute):
+    if (shape != "tiny") if recompute is None else recompute:
         enable_recompute(model.get_base_model())
     bb = Backbone(model, proc, name=f"qwen2vl_{shape}_random" + ("" if tokenizer is None else f"+{tokenizer}"))
     if compile:
