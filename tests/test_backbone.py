@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tinyutil import KINDS, make_backbone, triple_batch
+from rematch_pl.backbone.model import load_backbone
 from rematch_pl.backbone.sequence import Ids, Segment, build_inputs
 from rematch_pl.checkpoint import load_trainable, save_trainable
 from rematch_pl.model import ReMatchModel
@@ -330,3 +331,19 @@ def test_causal_mask_of_padded_rows_equals_transformers_padding_mask(attn):
     assert bb.causal_mask(full) is None
     with torch.no_grad():
         torch.testing.assert_close(bb(full, None)[0], ours[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path, says", [
+    ("/nonexistent/qwen2-vl", "no such folder (/nonexistent/qwen2-vl)"),
+    ("no-such-org/no-such-model-rematch", "reads as a hub id"),
+    ("EMPTY", "reads as a local folder"),  # a folder without config.json
+])
+def test_a_backbone_that_cannot_be_loaded_names_the_setting_and_what_to_do(path, says, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once, never touch the network
+    path = str(tmp_path) if path == "EMPTY" else path
+    with pytest.raises((OSError, ValueError)) as info:
+        load_backbone(path)
+    msg = str(info.value)
+    assert f"backbone.path={path!r} could not be loaded" in msg
+    assert says in msg and "backbone=qwen2vl_tiny" in msg
+    assert type(info.value) is type(info.value.__cause__)  # same type, transformers' own error as the cause

@@ -120,7 +120,7 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from .backbone.model import DTYPES, resolve_path
+    from .backbone.model import DTYPES, explain_load_errors, resolve_path
     from .backbone.processor import MultimodalProcessor
     from .encoder import load_model
 
@@ -137,8 +137,9 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
     dtype = b.get("dtype") or "fp32"
     base = resolve_path(b["path"])
     lora_on = bool((b.get("lora") or {}).get("enabled")) and not spec.merged
-    proc = MultimodalProcessor.from_pretrained(base, min_pixels=b.get("min_pixels"), max_pixels=b.get("max_pixels"),
-                                               **({"revision": b["revision"]} if b.get("revision") else {}))
+    with explain_load_errors(b["path"]):
+        proc = MultimodalProcessor.from_pretrained(base, min_pixels=b.get("min_pixels"), max_pixels=b.get("max_pixels"),
+                                                   **({"revision": b["revision"]} if b.get("revision") else {}))
     proc.tokenizer.save_pretrained(tmp / "model")
     proc.image_processor.save_pretrained(tmp / "model")
     wdir = Path(spec.weights_dir) if spec.weights_dir else None
@@ -150,7 +151,8 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
         merged = True
     else:
         rev = {"revision": b["revision"]} if b.get("revision") else {}
-        hf = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=False, **rev)
+        with explain_load_errors(b["path"]):
+            hf = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=False, **rev)
         hf.save_pretrained(tmp / "model", safe_serialization=True)
         del hf
         merged = spec.merged

@@ -7,7 +7,8 @@ Tiny and real checkpoints load through the same `from_pretrained` path; ``tiny:/
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+import os
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -47,6 +48,34 @@ def resolve_path(path: str) -> str:
     if path.startswith("tiny://"):
         return resolve_tiny(path[len("tiny://"):])
     return path
+
+
+@contextmanager
+def explain_load_errors(path: str, key: str = "backbone.path"):
+    """Re-raise a failed hub or folder load (transformers' `OSError`: no such folder, no network,
+    unknown or gated repo, missing files; its `ValueError`: a folder without a model config) as the
+    same type, naming the setting and what to do."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        folder = os.path.expanduser(path)
+        if isinstance(err, ValueError) and not (os.path.isdir(folder) and not os.path.isfile(f"{folder}/config.json")):
+            raise  # a ValueError about the settings, not about where the model is
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        local = path.startswith(("/", ".", "~")) or os.path.isdir(folder)
+        if local and not os.path.isdir(folder):
+            first = f"no such folder ({os.path.abspath(folder)})"
+        if local:
+            what = (f"  - {path!r} reads as a local folder: check that it exists and holds config.json, the "
+                    "weights (*.safetensors) and the tokenizer and preprocessor files")
+        else:
+            what = (f"  - {path!r} reads as a hub id: check its spelling and the network; on an offline "
+                    f"machine download it elsewhere (`hf download {path} --local-dir DIR`) and pass "
+                    f"{key}=DIR; for a gated repo log in first (`hf auth login`)")
+        raise (OSError if isinstance(err, OSError) else ValueError)(
+            f"{key}={path!r} could not be loaded: {first}\n{what}\n"
+            "  - to run without any weights: backbone=qwen2vl_tiny or backbone=qwen25vl_tiny (the embedded tiny models)"
+        ) from err
 
 
 class Backbone(nn.Module):
@@ -203,19 +232,21 @@ def load_backbone(
                          "flash_attention_2 (the packed matching pass needs a custom 4-D mask: sdpa or eager)")
     local = resolve_path(path)
     extra = {"revision": revision} if revision else {}
-    if meta:
-        with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(
-                AutoConfig.from_pretrained(local, trust_remote_code=False, **extra), dtype=DTYPES[dtype],
-                attn_implementation=attn_implementation)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False, **extra
-        )
+    with explain_load_errors(path):
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(
+                    AutoConfig.from_pretrained(local, trust_remote_code=False, **extra), dtype=DTYPES[dtype],
+                    attn_implementation=attn_implementation)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False, **extra
+            )
     if getattr(model.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
         raise ValueError(f"backbone.path={path!r} is a {model.config.model_type!r} model; "
                          "rematch_pl supports qwen2_vl and qwen2_5_vl")
-    processor = MultimodalProcessor.from_pretrained(local, min_pixels=min_pixels, max_pixels=max_pixels, **extra)
+    with explain_load_errors(path):
+        processor = MultimodalProcessor.from_pretrained(local, min_pixels=min_pixels, max_pixels=max_pixels, **extra)
     if fused_rms_norm:
         fuse_rms_norms(model)
     model.config.use_cache = False
