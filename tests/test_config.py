@@ -159,3 +159,21 @@ def test_datamodule_collates_pixels_in_the_backbones_dtype(dtype, expected, tmp_
     cfg = _compose([f"backbone.dtype={dtype}", f"paths.output_root={tmp_path}"])
     dm = build_datamodule(cfg, processor=None)
     assert dm.pixel_dtype == getattr(torch, expected)
+
+
+def test_eval_dataset_folders_are_checked_before_any_model_loads(tmp_path):
+    from test_eval_support import eval_cfg
+
+    from rematch_pl.eval import mmeb_subsets, zeroshot_sets
+
+    cases = [(["eval.mmeb.path=TIGER-Lab/MMEB-eval"], "eval.mmeb.image_root is not set .* is a hub id"),
+             ([f"eval.mmeb.path={tmp_path}", "eval.mmeb.image_root=/nonexistent/img"],
+              "eval.mmeb.image_root='/nonexistent/img': no such folder")]
+    for overrides, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            mmeb_subsets(eval_cfg(*overrides))
+    (tmp_path / "Urban1k").mkdir()
+    with pytest.raises(ConfigError, match=r"eval.zeroshot: no such file or folder for \{'flickr30k': .*"
+                                          r"run the sets that are there: eval.subsets=\[urban1k\]") as e:
+        zeroshot_sets(eval_cfg("eval=zeroshot", f"eval.zeroshot.root={tmp_path}"))
+    assert "'urban1k'" not in str(e.value).split("for {")[1].split("}")[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,14 @@ def mmeb_subsets(cfg: DictConfig) -> tuple[str, str, list[str], list[str]]:
 
     m = cfg.eval.mmeb
     path, root = m.path, m.image_root
+    if path is not None:  # at start-up, not at the first image
+        if root is not None and not os.path.isdir(os.path.expanduser(root)):
+            raise EvalConfigError(f"eval.mmeb.image_root={root!r}: no such folder (the folder the dataset's "
+                                  "relative image paths, e.g. images/<Subset>/..., are joined to)")
+        if root is None and not os.path.isdir(os.path.expanduser(path)):
+            raise EvalConfigError(f"eval.mmeb.image_root is not set and eval.mmeb.path={path!r} is a hub id, which "
+                                  "holds no images: unpack MMEB-eval's image archives and set eval.mmeb.image_root "
+                                  "to the folder the relative image paths start from")
     if path is None:
         s = OmegaConf.to_container(m.synthetic, resolve=True)
         generate_synthetic(**s)
@@ -125,6 +134,14 @@ def zeroshot_sets(cfg: DictConfig) -> dict[str, dict]:
     wanted = cfg.eval.subsets
     if wanted is not None:
         sets = {k: v for k, v in sets.items() if k in {str(w).lower() for w in wanted}}
+    missing = {k: v["path"] for k, v in sets.items() if not Path(v["path"]).exists()}
+    if missing:
+        have = [k for k in sets if k not in missing]
+        hint = (f"or run the sets that are there: eval.subsets=[{','.join(have)}] (MMEB subset names may be added)"
+                if have else "is eval.zeroshot.root the folder that holds the sets?")
+        raise EvalConfigError(
+            f"eval.zeroshot: no such file or folder for {missing} (eval.zeroshot.root={z.root!r} joined to "
+            f"eval.zeroshot.sets.<set>.path). Fix those paths, {hint}")
     return sets
 
 
@@ -172,6 +189,10 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
 
     validate(cfg)
     e = cfg.eval
+    # the datasets first: a wrong path or name fails before minutes of model loading
+    mmeb = mmeb_subsets(cfg) if "mmeb" in e.suites else None
+    _check_subset_names(cfg, mmeb[3] if mmeb else [])
+    zeroshot = zeroshot_sets(cfg) if "zeroshot" in e.suites else {}
     out = Path(out_dir)
     t_start = time.perf_counter()
     fabric = fabric or make_fabric(cfg)
@@ -203,11 +224,10 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
     results: dict = {"model": model_info, "mmeb": {}, "zeroshot": {}}
     extra = OmegaConf.to_container(e.meta_tasks, resolve=True) if e.meta_tasks else None
 
-    if "mmeb" in e.suites:
+    if mmeb is not None:
         from .data.mmeb import load_eval_subset
 
-        path, root, mmeb_names, available = mmeb_subsets(cfg)
-        _check_subset_names(cfg, available)
+        path, root, mmeb_names, _ = mmeb
         for subset in mmeb_names:
             es = load_eval_subset(path, root, subset, max_queries=e.mmeb.max_queries, split=e.mmeb.split,
                                   target_instruction=ti)
@@ -223,14 +243,12 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
                     msg += (f"; rerank top-{rr['rerank_top_k']}: Hit@1 {100 * rr['hit@1_before']:.1f} -> "
                             f"{100 * rr['hit@1_after']:.1f} (+{rr['rerank_s']:.1f} s)")
                 log.info(msg)
-    else:
-        _check_subset_names(cfg, [])
 
     if "zeroshot" in e.suites:
         z = e.zeroshot
         prompts = OmegaConf.to_container(z.prompts, resolve=True)
         isubs = OmegaConf.to_container(z.instruction_subsets, resolve=True)
-        for name, kw in zeroshot_sets(cfg).items():
+        for name, kw in zeroshot.items():
             kw = dict(kw)
             if z.limit and name != "sugarcrepe":
                 kw["limit"] = min(kw["limit"], z.limit) if kw.get("limit") else z.limit

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rematch_pl.data.datamodule import EvalItems, MMEBDataModule
+from rematch_pl.data.mmeb import DataError
 from rematch_pl.data.synthetic import SUBSETS
 
 SYN = dict(n_train_per_subset=40, n_eval_queries=10, n_candidates=8)
@@ -36,6 +37,15 @@ def dm(synthetic_dir, processor):
 def test_argument_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MMEBDataModule(**kwargs)
+
+
+def test_image_roots_are_checked_at_start_up(tmp_path):
+    with pytest.raises(DataError, match=r"data.train.image_root='/nonexistent/img': no such folder"):
+        MMEBDataModule(train={"path": "TIGER-Lab/MMEB-train", "image_root": "/nonexistent/img"})
+    with pytest.raises(DataError, match=r"data.eval.image_root is not set and data.eval.path='TIGER-Lab/MMEB-eval' "
+                                        r"is a hub id, which holds no images"):
+        MMEBDataModule(eval={"path": "TIGER-Lab/MMEB-eval"})
+    MMEBDataModule(train={"path": str(tmp_path)}, eval={"path": "TIGER-Lab/MMEB-eval", "image_root": str(tmp_path)})
 
 
 def test_synthetic_paths_default_into_out_dir(tmp_path):

@@ -48,6 +48,23 @@ def test_missing_subset_and_split(tmp_path):
     assert "'diverse_instruction'" in str(e.value) and "splits of 'S': ['original']" in str(e.value)
 
 
+def test_a_dataset_that_cannot_be_found_says_what_to_do(monkeypatch, tmp_path):
+    import datasets.config
+
+    for read in (lambda p: stream_subset(p, "S", "original"), list_subsets):
+        with pytest.raises(DataError, match=r"'/nonexistent/mmeb': no such folder.*data.train.path"):
+            read("/nonexistent/mmeb")
+    with pytest.raises(DataError, match=r"no subsets .*Is this the dataset's top folder"):
+        list_subsets(tmp_path)  # a folder, but not a dataset: never an empty run
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # unreachable hub, no network touched
+    for read in (lambda p: stream_subset(p, "S", "original"), list_subsets):
+        with pytest.raises(DataError) as e:
+            read("no-such-org/mmeb-rematch")
+        msg = str(e.value)
+        assert "'no-such-org/mmeb-rematch' (a hub id" in msg and "could not be reached" in msg
+        assert "hf download no-such-org/mmeb-rematch --repo-type dataset" in msg and "eval.mmeb.path" in msg
+
+
 def test_missing_column(tmp_path):
     root = tmp_path / "train"
     write_parquet(root, "S", "original", [{"qry": "a", "pos_text": "b"}])

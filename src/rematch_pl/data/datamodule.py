@@ -130,6 +130,8 @@ class MMEBDataModule(pl.LightningDataModule):
         self.eval_layout: dict[str, dict] = {}
         self.eval_items: list[tuple[str, str | None]] = []
         self.bad_rows: dict[str, Counter] = {}
+        if self.synthetic is None:
+            self._check_image_roots()
 
     # ------------------------------------------------------------------ config
     @staticmethod
@@ -140,6 +142,21 @@ class MMEBDataModule(pl.LightningDataModule):
         unknown = sorted(set(cfg) - allowed)
         if unknown:
             raise ValueError(f"data.synthetic: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+    def _check_image_roots(self) -> None:
+        """At start-up, not at the first image: every image root the real data needs is a folder
+        (a hub id holds no images; MMEB's come as archives, unpacked under the image root)."""
+        for name, sec in (("train", self.train_cfg), ("hardneg", self.hardneg_cfg), ("eval", self.eval_cfg)):
+            if sec["path"] is None:
+                continue
+            root = sec["image_root"]
+            if root is None and not os.path.isdir(os.fspath(sec["path"])):
+                raise DataError(f"data.{name}.image_root is not set and data.{name}.path={sec['path']!r} is a hub "
+                                "id, which holds no images: unpack the dataset's image archives and set "
+                                f"data.{name}.image_root to the folder the relative image paths start from")
+            if root is not None and not os.path.isdir(os.path.expanduser(os.fspath(root))):
+                raise DataError(f"data.{name}.image_root={os.fspath(root)!r}: no such folder (the folder the "
+                                "dataset's relative image paths, e.g. images/<Subset>/..., are joined to)")
 
     def _default_paths(self, paths: dict) -> None:
         t, h, e = self.train_cfg, self.hardneg_cfg, self.eval_cfg

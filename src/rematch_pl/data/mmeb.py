@@ -67,14 +67,36 @@ def list_subsets(path: str | os.PathLike) -> list[str]:
     """Subset (config) names: the dataset card's configs, else the sub-folders holding parquet files."""
     path = os.fspath(path)
     if is_local(path):
-        names = _card_configs(path)
-        if names:
-            return names
-        return sorted(d for d in os.listdir(path)
-                      if glob.glob(os.path.join(glob.escape(path), glob.escape(d), "*.parquet")))
+        names = _card_configs(path) or sorted(
+            d for d in os.listdir(path) if glob.glob(os.path.join(glob.escape(path), glob.escape(d), "*.parquet")))
+        if not names:
+            raise DataError(f"dataset {path!r}: no subsets (no configs in a README.md card, no sub-folder holding "
+                            "parquet files). Is this the dataset's top folder, <path>/<Subset>/<split>-*.parquet?")
+        return names
+    _not_a_missing_folder(path)
     from datasets import get_dataset_config_names
 
-    return list(get_dataset_config_names(path))
+    try:
+        return list(get_dataset_config_names(path))
+    except (ConnectionError, OSError) as e:
+        raise _unreachable(path, e) from e
+
+
+DATA_PATH_KEYS = "data.train.path, data.hardneg.path, data.eval.path, eval.mmeb.path"
+
+
+def _not_a_missing_folder(path: str) -> None:
+    """A path that is not a folder and reads as one (not as a hub id) fails here, by name."""
+    if path.startswith(("/", ".", "~")):
+        raise DataError(f"dataset {path!r}: no such folder ({os.path.abspath(os.path.expanduser(path))}). "
+                        f"Set the dataset's path ({DATA_PATH_KEYS}) to a local clone or a hub id.")
+
+
+def _unreachable(path: str, cause: Exception) -> DataError:
+    return DataError(
+        f"dataset {path!r} (a hub id: no local folder of that name) could not be reached: {cause}. "
+        f"On an offline machine clone it elsewhere (`hf download {path} --repo-type dataset --local-dir DIR`), "
+        f"copy DIR over and set the dataset's path ({DATA_PATH_KEYS}) to it.")
 
 
 def subset_files(path: str, subset: str, split: str) -> list[str]:
@@ -131,10 +153,13 @@ def stream_subset(path: str | os.PathLike, subset: str, split: str, columns=TRAI
         with _no_download_count():
             ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
     else:
+        _not_a_missing_folder(path)
         try:
             ds = datasets.load_dataset(path, subset, split=split, streaming=True)
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise _missing_subset_error(path, subset, split, e) from e
+        except (ConnectionError, OSError) as e:
+            raise _unreachable(path, e) from e
     names = ds.column_names
     if names is None:  # features unknown until the first row is read
         first = next(iter(ds.take(1)), None)
