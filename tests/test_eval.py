@@ -94,6 +94,14 @@ def test_zeroshot_mmeb_layout_equals_public_layouts(reference, run_dir, cache_a,
     assert metrics_only(conv)["zeroshot"] == metrics_only(res)["zeroshot"]
 
 
+def test_faiss_scoring_equals_torch(reference, run_dir, cache_a, tmp_path):
+    """eval.scoring=faiss (the real faiss-cpu index) gives the zero-shot table of the exact torch scoring."""
+    res, _ = reference
+    fa = run(eval_cfg(f"ckpt={run_dir}", "eval=zeroshot", "eval.scoring=faiss", cache_dir=cache_a), tmp_path)
+    assert fa["cache"]["encoded"] == 0
+    assert metrics_only(fa)["zeroshot"] == metrics_only(res)["zeroshot"]
+
+
 def test_interrupted_run_resumes(reference, run_dir, tmp_path, monkeypatch):
     import rematch_pl.evaluation.engine as engine_mod
 

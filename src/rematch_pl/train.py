@@ -36,7 +36,10 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     if cfg.resume == "auto":
         last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+        if not last.exists():  # the first launch of a requeued job: nothing to continue yet
+            log.info("resume=auto: no checkpoint in %s, starting the run from step 0", last.parent)
+            return None
+        return str(last)
     if not Path(cfg.resume).exists():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
     return str(cfg.resume)
