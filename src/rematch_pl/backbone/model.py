@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -256,7 +257,9 @@ def load_backbone(
 
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=lora_target_regex(list(lora.targets)), bias="none")
-        model = get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # PEFT reads transformers' old flag name, which warns on every load
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            model = get_peft_model(model, cfg)
         if lora.compute_dtype not in ("backbone", "fp32"):
             raise ValueError(f"backbone.lora.compute_dtype={lora.compute_dtype!r}: expected backbone or fp32")
         if lora.compute_dtype == "backbone":
