@@ -100,3 +100,42 @@ def test_generate_uses_the_trained_lm_head(run_dir, image):
     assert base_ids[0] == int(base.argmax())
     res = main([f"ckpt={run_dir}", f"image={image}", "max_new_tokens=3", "compare_base=true"])
     assert set(res) == {"prompt", "rematch", "base"}
+
+
+def test_base_weights_moved_since_training_are_found_through_backbone_path(run_dir, image, tmp_path, monkeypatch):
+    """A run records its base weights' location; on another machine eval, export, generate and the
+    Encoder take the new one, and a wrong one fails naming the setting."""
+    import json
+    import shutil
+
+    from rematch_pl import Encoder
+    from rematch_pl.backbone.tiny import resolve_tiny
+    from rematch_pl.export import main as export_main
+    from rematch_pl.generate import main as generate_main
+
+    moved = tmp_path / "run_elsewhere"
+    shutil.copytree(run_dir / "adapter", moved / "adapter")
+    meta = json.loads((moved / "adapter" / "meta.json").read_text())
+    meta["config"]["backbone"]["path"] = "/nonexistent/qwen2vl_base"  # the training machine's folder
+    (moved / "adapter" / "meta.json").write_text(json.dumps(meta))
+    base = str(tmp_path / "base")
+    shutil.copytree(resolve_tiny("qwen2vl"), base)  # the same weights at their new location
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    with pytest.raises(OSError, match=r"backbone.path='/nonexistent/qwen2vl_base' could not be loaded: no such "
+                                      r"folder(.|\n)*eval.backbone_path=, export's backbone_path="):
+        Encoder.from_pretrained(moved, device="cpu")
+    texts, images = ["two red circles", None], [None, str(image)]
+    ref = Encoder.from_pretrained(run_dir, device="cpu").encode(texts=texts, images=images)
+    got = Encoder.from_pretrained(moved, device="cpu", backbone_path=base).encode(texts=texts, images=images)
+    assert torch.equal(ref, got)
+    out = export_main([f"ckpt={moved}", f"out={tmp_path / 'exp'}", f"backbone_path={base}"])
+    assert torch.equal(ref, Encoder.from_pretrained(out, device="cpu").encode(texts=texts, images=images))
+    gen = generate_main([f"ckpt={moved}", f"backbone={base}", f"image={image}", "max_new_tokens=4"])
+    assert gen["rematch"] == generate_main([f"ckpt={run_dir}", f"image={image}", "max_new_tokens=4"])["rematch"]
+    from rematch_pl.eval import run
+
+    kw = ("eval.subsets=[Syn_CLS]", "eval.mmeb.max_queries=12")
+    r_moved = run(eval_cfg(f"ckpt={moved}", f"eval.backbone_path={base}", *kw, cache_dir=tmp_path / "c1"), tmp_path / "e1")
+    r_ref = run(eval_cfg(f"ckpt={run_dir}", *kw, cache_dir=tmp_path / "c2"), tmp_path / "e2")
+    assert r_moved["mmeb"]["Syn_CLS"]["hit@1"] == r_ref["mmeb"]["Syn_CLS"]["hit@1"]

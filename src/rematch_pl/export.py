@@ -1,4 +1,5 @@
-"""`python -m rematch_pl.export ckpt=RUN_DIR out=DIR [merge=true] [eval_dir=EVAL_OUT] [overwrite=true]`
+"""`python -m rematch_pl.export ckpt=RUN_DIR out=DIR [merge=true] [eval_dir=EVAL_OUT] [overwrite=true]
+[backbone_path=BASE]` (BASE: the base weights' folder or hub id when the run recorded another location)
 
 Writes a folder usable without Hydra (`rematch_pl.Encoder.from_pretrained(DIR)`)::
 
@@ -115,8 +116,9 @@ def _model_card(spec: ModelSpec, small: dict, out: Path, eval_dir: str | None) -
 
 
 def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None, overwrite: bool = False,
-           merge_dtype: str | None = None) -> Path:
-    """Export `ckpt` (run dir, adapter folder or an export) to `out`; returns `out`."""
+           merge_dtype: str | None = None, backbone_path: str | None = None) -> Path:
+    """Export `ckpt` (run dir, adapter folder or an export) to `out`; returns `out`. `backbone_path`:
+    where the base weights are now (a run trained on another machine records that machine's path)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -124,7 +126,7 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
     from .backbone.processor import MultimodalProcessor
     from .encoder import load_model
 
-    spec = read_spec(ckpt)
+    spec = read_spec(ckpt, backbone_path)
     dst = Path(out)
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
@@ -180,8 +182,9 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
 def main(argv: list[str] | None = None) -> Path:
     a = parse_args(sys.argv[1:] if argv is None else argv,
                    {"ckpt": "???", "out": "???", "merge": False, "eval_dir": None, "overwrite": False,
-                    "merge_dtype": None}, "python -m rematch_pl.export", __doc__)
-    dst = export(str(a["ckpt"]), str(a["out"]), bool(a["merge"]), a["eval_dir"], bool(a["overwrite"]), a["merge_dtype"])
+                    "merge_dtype": None, "backbone_path": None}, "python -m rematch_pl.export", __doc__)
+    dst = export(str(a["ckpt"]), str(a["out"]), bool(a["merge"]), a["eval_dir"], bool(a["overwrite"]), a["merge_dtype"],
+                 a["backbone_path"])
     print(f"exported {a['ckpt']} -> {dst} ({'merged' if a['merge'] else 'base + adapter'})")
     return dst
 

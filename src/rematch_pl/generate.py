@@ -5,7 +5,7 @@ on the language model and reads embeddings from learnable tokens, not from a rep
 token), greedily. With ``compare_base=true`` (unmerged checkpoints) it also generates with the
 adapter switched off, i.e. with the base model, to compare as in the paper's S9. ``ckpt`` may be a
 run directory, an exported folder, or omitted together with ``backbone=PATH_OR_HUB_ID`` for a plain
-base model.
+base model; given with ``ckpt``, ``backbone=`` says where the checkpoint's base weights are now.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(sys.argv[1:] if argv is None else argv,
                    {"ckpt": None, "backbone": None, "image": "???", "prompt": DEFAULT_PROMPT, "max_new_tokens": 128,
                     "compare_base": False, "device": "auto", "dtype": "auto"}, "python -m rematch_pl.generate", __doc__)
-    if a["ckpt"]:
-        spec = read_spec(str(a["ckpt"]))
+    if a["ckpt"]:  # backbone=: where the checkpoint's base weights are now (else the recorded location)
+        spec = read_spec(str(a["ckpt"]), str(a["backbone"]) if a["backbone"] else None)
     elif a["backbone"]:
         spec = spec_from_config({"backbone": {"path": str(a["backbone"]), "dtype": "bf16" if torch.cuda.is_available()
                                               else "fp32", "lora": {"enabled": False}}, "matching": {"views": "none"}})

@@ -75,6 +75,9 @@ def explain_load_errors(path: str, key: str = "backbone.path"):
                     f"{key}=DIR; for a gated repo log in first (`hf auth login`)")
         raise (OSError if isinstance(err, OSError) else ValueError)(
             f"{key}={path!r} could not be loaded: {first}\n{what}\n"
+            "  - a checkpoint trained on another machine records that machine's location: give the base weights' "
+            "location here with eval.backbone_path=, export's backbone_path=, generate's backbone= or "
+            "Encoder.from_pretrained(..., backbone_path=)\n"
             "  - to run without any weights: backbone=qwen2vl_tiny or backbone=qwen25vl_tiny (the embedded tiny models)"
         ) from err
 
