@@ -347,3 +347,27 @@ def test_a_backbone_that_cannot_be_loaded_names_the_setting_and_what_to_do(path,
     assert f"backbone.path={path!r} could not be loaded" in msg
     assert says in msg and "backbone=qwen2vl_tiny" in msg
     assert type(info.value) is type(info.value.__cause__)  # same type, transformers' own error as the cause
+
+
+def test_chat_template_kept_for_the_processor_only_is_found(tmp_path):
+    """A folder whose chat template sits in chat_template.json (the processor's file in older
+    transformers) gives the same chat turns; one with no template at all fails saying what to do."""
+    import json
+    import shutil
+
+    from rematch_pl.backbone.processor import MultimodalProcessor
+    from rematch_pl.backbone.tiny import resolve_tiny
+
+    src = resolve_tiny("qwen2vl")
+    ref = MultimodalProcessor.from_pretrained(src).chat_turn_ids()
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    template = (d / "chat_template.jinja").read_text()
+    (d / "chat_template.jinja").unlink()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert "chat_template" not in cfg
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert MultimodalProcessor.from_pretrained(str(d)).chat_turn_ids() == ref
+    (d / "chat_template.json").unlink()
+    with pytest.raises(ValueError, match="has no chat template .*embedding=plain matching=none"):
+        MultimodalProcessor.from_pretrained(str(d)).chat_turn_ids()

@@ -8,6 +8,8 @@ image tokens (cutting inside them breaks the model).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,8 @@ class MultimodalProcessor:
             if key in extra and size.get(edge, extra[key]) != extra[key]:
                 raise ValueError(f"backbone.{key}={extra[key]} was not applied by {type(image_processor).__name__}")
         tokenizer.padding_side = "right"
+        if tokenizer.chat_template is None:  # some folders keep it for the processor only
+            tokenizer.chat_template = _processor_chat_template(path, kwargs.get("revision"))
         return cls(tokenizer, image_processor)
 
     # ---------------------------------------------------------------- images
@@ -89,6 +93,11 @@ class MultimodalProcessor:
 
         (system turn + opening of the user turn, closing of the user turn + open assistant turn).
         """
+        if self.tokenizer.chat_template is None:
+            raise ValueError("the backbone's tokenizer has no chat template (none in tokenizer_config.json, "
+                             "chat_template.jinja or chat_template.json), which embedding=chat and the matching "
+                             "head need: add the template of the model family to the folder, or train with "
+                             "embedding=plain matching=none")
         chat = self.tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": "\x00"}],
             tokenize=False, add_generation_prompt=True)
@@ -124,6 +133,24 @@ class MultimodalProcessor:
             ids = truncate_keeping_image(ids, max_length, self.image_token_id, self.vision_start_id,
                                          self.vision_end_id)
         return ids
+
+
+def _processor_chat_template(path: str, revision: str | None = None) -> str | None:
+    """The chat template a checkpoint keeps for its processor only (`chat_template.json`, as older
+    transformers saved it), read as a file: loading the processor itself needs torchvision."""
+    if os.path.isdir(path):
+        f = os.path.join(path, "chat_template.json")
+        if not os.path.isfile(f):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            f = hf_hub_download(path, "chat_template.json", revision=revision)
+        except Exception:  # not in the repo, or the hub is unreachable: no template
+            return None
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh).get("chat_template")
 
 
 def truncate_keeping_image(ids: list[int], max_length: int, image_id: int, start_id: int, end_id: int) -> list[int]:
