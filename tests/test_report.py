@@ -176,3 +176,20 @@ def test_wandb_runs_become_the_same_records(tmp_path):
     assert "| 1 | t6_k16_or | 60.0 | +10.0 ↑ |" in text and "t6_k8_or`: crashed" in text
     assert report.is_wandb_path("me/rematch_pl") and report.is_wandb_path("wandb:me/p")
     assert not report.is_wandb_path(str(tmp_path))
+
+
+def test_history_of_a_resumed_run_holds_each_step_once(tmp_path):
+    """Rows a resumed launch logs again (the steps after the killed launch's last checkpoint) replace
+    the earlier ones in place; a step's train and val rows (other metric names) both stay."""
+    import json
+
+    rows = [{"step": 0, "train/loss": 3.0}, {"step": 1, "train/loss": 2.5}, {"step": 1, "val/hit@1": 0.2},
+            {"step": 2, "train/loss": 2.25},  # killed here; the checkpoint holds step 1
+            {"step": 1, "val/hit@1": 0.2}, {"step": 2, "train/loss": 2.0}, {"step": 3, "train/loss": 1.5}]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = report.read_history(tmp_path)
+    assert got == [{"step": 0, "train/loss": 3.0}, {"step": 1, "train/loss": 2.5}, {"step": 1, "val/hit@1": 0.2},
+                   {"step": 2, "train/loss": 2.0}, {"step": 3, "train/loss": 1.5}]
+    from rematch_pl.history import read_history
+
+    assert read_history(tmp_path) == got  # one reader for the logger side too

@@ -64,6 +64,26 @@ def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
+def test_resumed_run_continues_its_wandb_run_and_logs_each_step_once(tmp_path):
+    """resume=auto (a requeued job) continues the first launch's W&B run: one curve per training run."""
+    run = tmp_path / "run"
+    common = ("debug=fast", "logger=wandb", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=2")
+    train(run, *common)
+    first = (run / "wandb_run_id").read_text()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    train(run, *common, "trainer.max_steps=6", "resume=auto")
+    ids = [r["id"] for r in offline_wandb_runs(run)]
+    assert ids == [first, first]  # two launches, one W&B run
+    losses = [r["step"] for r in read_history(run) if "train/loss" in r]
+    assert losses == sorted(set(losses)) and len(losses) == 6  # steps 0-5, each once
+    train(tmp_path / "run2", *common)  # a new training run gets a new W&B run
+    assert (tmp_path / "run2" / "wandb_run_id").read_text() != first
+
+
 def test_host_rss_follows_the_memory_the_process_holds():
     """In a fresh process: in the test process, memory freed by earlier tests can be reused
     (already resident), or released while measuring, so the difference is not the allocation."""

@@ -79,15 +79,38 @@ def wandb_mode(requested: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None = None) -> list:
-    """The chosen logger plus the local history.jsonl writer (always on)."""
+def build_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None = None,
+                 resuming: bool = False) -> list:
+    """The chosen logger plus the local history.jsonl writer (always on). `resuming`: this launch
+    continues the run in `run_dir` from a checkpoint (its W&B run is continued too)."""
     from .history import JsonlLogger
 
-    chosen = _chosen_logger(cfg, run_dir, run_name, group)
+    chosen = _chosen_logger(cfg, run_dir, run_name, group, resuming)
     return [JsonlLogger(run_dir)] + ([chosen] if chosen else [])
 
 
-def _chosen_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None):
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """One W&B run per training run: the first launch writes its W&B id into the run directory and a
+    resumed launch (resume=auto after a requeue, a crash) continues that W&B run, so the dashboard
+    shows one curve, not one per launch. A fresh launch gets a new id."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    f = run_dir / WANDB_ID_FILE
+    if resuming and f.is_file():
+        return f.read_text().strip()
+    import secrets
+    import string
+
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    if rank_zero_only.rank == 0:  # the only rank whose logger writes
+        f.write_text(run_id)
+    return run_id
+
+
+def _chosen_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None, resuming: bool = False):
     name = cfg.logger.name
     if name == "none":
         return None
@@ -107,6 +130,7 @@ def _chosen_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | N
         project=cfg.logger.project, entity=cfg.logger.entity, name=run_name, save_dir=str(run_dir),
         group=cfg.logger.group or group, tags=list(cfg.logger.tags), mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),  # nested, not flattened
+        id=wandb_run_id(run_dir, resuming),  # resume="allow" (Lightning's default): continued when it exists
     )
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from .report import read_history  # Lightning-free (reports import it), re-exported here
+
+__all__ = ["JsonlLogger", "read_history"]
+
 
 class JsonlLogger(Logger):
     def __init__(self, run_dir: str | Path):
@@ -45,11 +49,3 @@ class JsonlLogger(Logger):
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with self._path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def read_history(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's history.jsonl (empty when there is none)."""
-    path = Path(run_dir) / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -107,11 +107,20 @@ _SKIP_DIRS = {"wandb", "checkpoints", "adapter", ".hydra", "report", "csv", "tb"
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
-    """Rows of a run's history.jsonl (as `rematch_pl.history.read_history`, without importing Lightning)."""
+    """The rows of a run's history.jsonl (empty when there is none), each logged step once.
+
+    A resumed launch logs again the steps its killed predecessor logged after the last checkpoint;
+    the later row for a (step, metric names) pair replaces the earlier one, in its place.
+    """
     path = Path(run_dir) / "history.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest: dict[tuple, dict] = {}  # insertion order: where each row first stood
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest[(row.get("step"), tuple(sorted(row)))] = row
+    return list(latest.values())
 
 
 def _local_run(run_dir: Path) -> RunRecord:

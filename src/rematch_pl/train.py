@@ -66,7 +66,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
     model = build_model(cfg, backbone)
     module = build_module(cfg, model, run_dir)
     dm = build_datamodule(cfg, backbone.processor)
-    logger = build_logger(cfg, run_dir, run_name, group)
+    ckpt_path = resume_path(cfg, run_dir)
+    logger = build_logger(cfg, run_dir, run_name, group, resuming=ckpt_path is not None)
     if plan is not None:  # next to perf/peak_mem_gb (measured) on the dashboards
         for lg in logger:
             lg.log_metrics({f"memory/planned_{k}": plan[k] for k in
@@ -79,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, run_dir))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         wall = time.perf_counter() - t0
         summary = {
             "run_name": run_name,
