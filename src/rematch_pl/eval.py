@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,20 +85,15 @@ def make_fabric(cfg: DictConfig):
 # ====================================================================== suites
 def mmeb_subsets(cfg: DictConfig) -> tuple[str, str, list[str], list[str]]:
     """(dataset path, image root, subsets to run, subsets available)."""
-    from .data.mmeb import list_subsets
+    from .data.mmeb import image_root_problem, list_subsets
     from .data.synthetic import generate_synthetic, synthetic_paths
     from .evaluation.tables import norm
 
     m = cfg.eval.mmeb
     path, root = m.path, m.image_root
-    if path is not None:  # at start-up, not at the first image
-        if root is not None and not os.path.isdir(os.path.expanduser(root)):
-            raise EvalConfigError(f"eval.mmeb.image_root={root!r}: no such folder (the folder the dataset's "
-                                  "relative image paths, e.g. images/<Subset>/..., are joined to)")
-        if root is None and not os.path.isdir(os.path.expanduser(path)):
-            raise EvalConfigError(f"eval.mmeb.image_root is not set and eval.mmeb.path={path!r} is a hub id, which "
-                                  "holds no images: unpack MMEB-eval's image archives and set eval.mmeb.image_root "
-                                  "to the folder the relative image paths start from")
+    problem = path is not None and image_root_problem("eval.mmeb", path, root)
+    if problem:  # at start-up, not at the first image
+        raise EvalConfigError(problem)
     if path is None:
         s = OmegaConf.to_container(m.synthetic, resolve=True)
         generate_synthetic(**s)

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rematch_pl.data.collate import HOST_KEYS, EvalCollator, TrainCollator
 from rematch_pl.data.images import load_image, make_processor_safe
-from rematch_pl.data.mmeb import DataError, EvalSet, list_subsets, load_eval_subset, resolve_target_instructions
+from rematch_pl.data.mmeb import (DataError, EvalSet, image_root_problem, list_subsets, load_eval_subset,
+                                  resolve_target_instructions)
 from rematch_pl.data.stream import BAD_ROW_POLICIES, TrainStream, resolve_rank_world
 from rematch_pl.data.synthetic import generate_synthetic, synthetic_paths
 
@@ -147,16 +148,10 @@ class MMEBDataModule(pl.LightningDataModule):
         """At start-up, not at the first image: every image root the real data needs is a folder
         (a hub id holds no images; MMEB's come as archives, unpacked under the image root)."""
         for name, sec in (("train", self.train_cfg), ("hardneg", self.hardneg_cfg), ("eval", self.eval_cfg)):
-            if sec["path"] is None:
-                continue
-            root = sec["image_root"]
-            if root is None and not os.path.isdir(os.fspath(sec["path"])):
-                raise DataError(f"data.{name}.image_root is not set and data.{name}.path={sec['path']!r} is a hub "
-                                "id, which holds no images: unpack the dataset's image archives and set "
-                                f"data.{name}.image_root to the folder the relative image paths start from")
-            if root is not None and not os.path.isdir(os.path.expanduser(os.fspath(root))):
-                raise DataError(f"data.{name}.image_root={os.fspath(root)!r}: no such folder (the folder the "
-                                "dataset's relative image paths, e.g. images/<Subset>/..., are joined to)")
+            problem = sec["path"] is not None and image_root_problem(f"data.{name}", sec["path"],
+                                                                     sec["image_root"])
+            if problem:
+                raise DataError(problem)
 
     def _default_paths(self, paths: dict) -> None:
         t, h, e = self.train_cfg, self.hardneg_cfg, self.eval_cfg

@@ -92,6 +92,22 @@ def _not_a_missing_folder(path: str) -> None:
                         f"Set the dataset's path ({DATA_PATH_KEYS}) to a local clone or a hub id.")
 
 
+def image_root_problem(section: str, path: str, image_root: str | None) -> str | None:
+    """Why `image_root` cannot serve the dataset at `path` (None: it can), naming the settings
+    ``<section>.image_root`` and ``<section>.path`` (e.g. section ``data.train``). A hub id holds no images (MMEB's come as archives, unpacked
+    under the image root); without an image root a local clone serves its own relative paths."""
+    key = f"{section}.image_root"
+    if image_root is None:
+        if os.path.isdir(os.fspath(path)):
+            return None
+        return (f"{key} is not set and {section}.path={os.fspath(path)!r} is a hub id, which holds no images: "
+                f"unpack the dataset's image archives and set {key} to the folder the relative image paths start from")
+    if not os.path.isdir(os.path.expanduser(os.fspath(image_root))):
+        return (f"{key}={os.fspath(image_root)!r}: no such folder (the folder the dataset's relative image paths, "
+                "e.g. images/<Subset>/..., are joined to)")
+    return None
+
+
 def _unreachable(path: str, cause: Exception) -> DataError:
     return DataError(
         f"dataset {path!r} (a hub id: no local folder of that name) could not be reached: {cause}. "
