@@ -50,7 +50,11 @@ def test_main_job_learns_and_writes_summary(tmp_path):
 
 def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
     run = tmp_path / "run"
-    train(run, "debug=fast", "logger=wandb", "train.memory_check.mode=always")
+    res = train(run, "debug=fast", "logger=wandb", "train.memory_check.mode=always")
+    out = res.stdout + res.stderr
+    assert "| LoRA adapters |" in res.stdout and "| total |" in res.stdout  # parameters by ReMatch part
+    for noise in ("Epoch 0/-2", "Tip:", "LeafSpec", "anonymous setting"):  # step bar; no library chatter
+        assert noise not in out, noise
     planned = [r for r in read_history(run) if "memory/planned_peak_gib" in r]
     summary = json.loads((run / "summary.json").read_text())
     assert planned[0]["memory/planned_peak_gib"] == summary["memory_plan"]["peak_gib"] > 0

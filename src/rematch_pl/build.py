@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone.model import Backbone, load_backbone
+from .console import ParameterSummary, step_progress_bar
 from .model import ReMatchModel
 from .module import ReMatchModule
 
@@ -126,12 +127,18 @@ def _chosen_logger(cfg: DictConfig, run_dir: Path, run_name: str, group: str | N
 
     mode = wandb_mode(cfg.logger.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
+    lg = WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, name=run_name, save_dir=str(run_dir),
         group=cfg.logger.group or group, tags=list(cfg.logger.tags), mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),  # nested, not flattened
         id=wandb_run_id(run_dir, resuming),  # resume="allow" (Lightning's default): continued when it exists
     )
+    # Lightning always passes anonymous=None to wandb.init, which W&B answers with a deprecation
+    # warning on every run ("The anonymous setting has no effect"); None is W&B's default anyway
+    init = getattr(lg, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", "set") is None:
+        del init["anonymous"]
+    return lg
 
 
 def build_strategy(cfg: DictConfig):
@@ -199,12 +206,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()):
     manual = cfg.train.gradcache.chunk_size is not None  # GradCache: the module clips and steps itself
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
                            save_last=True, save_top_k=1, monitor=None)
+    callbacks = [ckpt, *callbacks]
+    bar = step_progress_bar() if t.enable_progress_bar else None
+    if bar is not None:
+        callbacks.append(bar)
+    ours = any(isinstance(c, ParameterSummary) for c in callbacks)  # replaces Lightning's one-row summary
     return L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         precision=t.precision, gradient_clip_val=None if manual else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar, logger=logger, callbacks=[ckpt, *callbacks],
+        enable_progress_bar=t.enable_progress_bar, logger=logger, callbacks=callbacks, enable_model_summary=not ours,
         strategy=build_strategy(cfg), default_root_dir=str(run_dir), num_sanity_val_steps=0,
         use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )

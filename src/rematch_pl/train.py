@@ -11,6 +11,7 @@ import logging
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .build import CONF_DIR, build_backbone, build_datamodule, build_logger, build_model, build_module, build_trainer
 from .checkpoint import save_trainable
 from .config import validate
+from .console import ParameterSummary, quiet_lightning_tips
 from .memory import check_memory
 
 log = logging.getLogger("rematch_pl.train")
@@ -61,6 +63,9 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
     if cfg.train.memory_check.mode == "only":
         print_plan(plan, run_dir)
         return {"run_name": run_name, "run_dir": str(run_dir), "steps": 0, "val": {}, "memory_plan": plan}
+    # Lightning's stream flattening builds torch's deprecated LeafSpec once per fit (harmless)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    quiet_lightning_tips()
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.backbone)
     model = build_model(cfg, backbone)
@@ -72,7 +77,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
         for lg in logger:
             lg.log_metrics({f"memory/planned_{k}": plan[k] for k in
                             ("peak_gib", "weights_gib", "optimizer_gib", "transient_gib")}, step=0)
-    callbacks = []
+    callbacks = [ParameterSummary(model, f"ReMatch model: backbone {cfg.backbone.name}, fusion {cfg.fusion.name} "
+                                         f"(K={cfg.fusion.k}), matching {cfg.matching.views}")]
     if cfg.train.get("sync_audit", 0):
         from .sync_audit import SyncAuditCallback
 
