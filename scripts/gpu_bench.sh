@@ -35,7 +35,7 @@ run() {
 }
 # BUDGET_S (optional): the whole script ends within this many seconds; STEP_TIMEOUT: one part's limit.
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
-# The planned peaks of `bench --suite memory` (README) are checked against the `peak` column of train_2b_*.
+# The planned peaks of `bench --suite memory` (docs/benchmarks.md) are checked against the `peak` column of train_2b_*.
 # The first parts answer the open goals: MFU and feat_feat at 128 triples, the waits per step,
 # compiled decoder layers (the roofline puts a third of an eager step in memory-bound kernels that
 # only fusion removes), recomputation off, the 30-minute MMEB projection.
