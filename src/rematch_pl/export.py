@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .encoder import EXPORT_CONFIG, EXPORT_FORMAT, ModelSpec, read_spec
+from .hub import hub_kwargs, model_kwargs
 
 
 def parse_args(argv: list[str], defaults: dict, prog: str, doc: str = "") -> dict:
@@ -139,9 +140,10 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
     dtype = b.get("dtype") or "fp32"
     base = resolve_path(b["path"])
     lora_on = bool((b.get("lora") or {}).get("enabled")) and not spec.merged
+    hub = hub_kwargs(base, b.get("revision"))  # revision; a hub id without a reachable hub: the cache only
     with explain_load_errors(b["path"]):
         proc = MultimodalProcessor.from_pretrained(base, min_pixels=b.get("min_pixels"), max_pixels=b.get("max_pixels"),
-                                                   **({"revision": b["revision"]} if b.get("revision") else {}))
+                                                   **hub)
     proc.tokenizer.save_pretrained(tmp / "model")
     proc.image_processor.save_pretrained(tmp / "model")
     wdir = Path(spec.weights_dir) if spec.weights_dir else None
@@ -152,9 +154,9 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
         hf.save_pretrained(tmp / "model", safe_serialization=True)
         merged = True
     else:
-        rev = {"revision": b["revision"]} if b.get("revision") else {}
         with explain_load_errors(b["path"]):
-            hf = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=False, **rev)
+            hf = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=False,
+                                                             **model_kwargs(base, b.get("revision")))
         hf.save_pretrained(tmp / "model", safe_serialization=True)
         del hf
         merged = spec.merged

@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from ..hub import hub_kwargs, model_kwargs, unreachable_note
 from .lora import LoraSettings, lora_in_activation_dtype, lora_target_regex
 from .norm import fuse_rms_norms
 from .patch_embed import set_linear_patch_embed
@@ -63,6 +64,7 @@ def explain_load_errors(path: str, key: str = "backbone.path"):
         if isinstance(err, ValueError) and not (os.path.isdir(folder) and not os.path.isfile(f"{folder}/config.json")):
             raise  # a ValueError about the settings, not about where the model is
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = unreachable_note(path) or first  # the probe found no hub: transformers' text says less
         local = path.startswith(("/", ".", "~")) or os.path.isdir(folder)
         if local and not os.path.isdir(folder):
             first = f"no such folder ({os.path.abspath(folder)})"
@@ -72,7 +74,8 @@ def explain_load_errors(path: str, key: str = "backbone.path"):
         else:
             what = (f"  - {path!r} reads as a hub id: check its spelling and the network; on an offline "
                     f"machine download it elsewhere (`hf download {path} --local-dir DIR`) and pass "
-                    f"{key}=DIR; for a gated repo log in first (`hf auth login`)")
+                    f"{key}=DIR, or copy a Hugging Face cache that holds it to HF_HOME; for a gated repo log in "
+                    "first (`hf auth login`)")
         raise (OSError if isinstance(err, OSError) else ValueError)(
             f"{key}={path!r} could not be loaded: {first}\n{what}\n"
             "  - a checkpoint trained on another machine records that machine's location: give the base weights' "
@@ -235,7 +238,7 @@ def load_backbone(
         raise ValueError(f"backbone.attn_implementation={attn_implementation!r}: expected sdpa, eager or "
                          "flash_attention_2 (the packed matching pass needs a custom 4-D mask: sdpa or eager)")
     local = resolve_path(path)
-    extra = {"revision": revision} if revision else {}
+    extra = hub_kwargs(local, revision)  # a hub id without a reachable hub: the local cache only, at once
     with explain_load_errors(path):
         if meta:
             with torch.device("meta"):
@@ -244,8 +247,8 @@ def load_backbone(
                     attn_implementation=attn_implementation)
         else:
             model = AutoModelForImageTextToText.from_pretrained(
-                local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False, **extra
-            )
+                local, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=False,
+                **model_kwargs(local, revision))
     if getattr(model.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
         raise ValueError(f"backbone.path={path!r} is a {model.config.model_type!r} model; "
                          "rematch_pl supports qwen2_vl and qwen2_5_vl")

@@ -67,7 +67,8 @@ class MultimodalProcessor:
                 raise ValueError(f"backbone.{key}={extra[key]} was not applied by {type(image_processor).__name__}")
         tokenizer.padding_side = "right"
         if tokenizer.chat_template is None:  # some folders keep it for the processor only
-            tokenizer.chat_template = _processor_chat_template(path, kwargs.get("revision"))
+            tokenizer.chat_template = _processor_chat_template(path, kwargs.get("revision"),
+                                                               kwargs.get("local_files_only", False))
         return cls(tokenizer, image_processor)
 
     # ---------------------------------------------------------------- images
@@ -135,7 +136,7 @@ class MultimodalProcessor:
         return ids
 
 
-def _processor_chat_template(path: str, revision: str | None = None) -> str | None:
+def _processor_chat_template(path: str, revision: str | None = None, local_files_only: bool = False) -> str | None:
     """The chat template a checkpoint keeps for its processor only (`chat_template.json`, as older
     transformers saved it), read as a file: loading the processor itself needs torchvision."""
     if os.path.isdir(path):
@@ -146,7 +147,7 @@ def _processor_chat_template(path: str, revision: str | None = None) -> str | No
         from huggingface_hub import hf_hub_download
 
         try:
-            f = hf_hub_download(path, "chat_template.json", revision=revision)
+            f = hf_hub_download(path, "chat_template.json", revision=revision, local_files_only=local_files_only)
         except Exception:  # not in the repo, or the hub is unreachable: no template
             return None
     with open(f, encoding="utf-8") as fh:

@@ -74,6 +74,7 @@ def list_subsets(path: str | os.PathLike) -> list[str]:
                             "parquet files). Is this the dataset's top folder, <path>/<Subset>/<split>-*.parquet?")
         return names
     _not_a_missing_folder(path)
+    _hub_or_fail(path)
     from datasets import get_dataset_config_names
 
     try:
@@ -108,7 +109,15 @@ def image_root_problem(section: str, path: str, image_root: str | None) -> str |
     return None
 
 
-def _unreachable(path: str, cause: Exception) -> DataError:
+def _hub_or_fail(path: str) -> None:
+    """A hub id while the probe found no hub (`rematch_pl.hub`): fail now, not after the client's retries."""
+    from ..hub import endpoint, hub_reachable
+
+    if not hub_reachable():
+        raise _unreachable(path, f"the hub ({endpoint()}) cannot be reached from this machine")
+
+
+def _unreachable(path: str, cause: Exception | str) -> DataError:
     return DataError(
         f"dataset {path!r} (a hub id: no local folder of that name) could not be reached: {cause}. "
         f"On an offline machine clone it elsewhere (`hf download {path} --repo-type dataset --local-dir DIR`), "
@@ -170,6 +179,7 @@ def stream_subset(path: str | os.PathLike, subset: str, split: str, columns=TRAI
             ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
     else:
         _not_a_missing_folder(path)
+        _hub_or_fail(path)
         try:
             ds = datasets.load_dataset(path, subset, split=split, streaming=True)
         except (ValueError, FileNotFoundError, KeyError) as e:
