@@ -52,7 +52,8 @@ def hub_reachable() -> bool:
         socket.create_connection((url.hostname, port), timeout=TIMEOUT_S).close()
         return True
     except OSError as e:
-        log.warning("the Hugging Face hub (%s) cannot be reached (%s): hub ids are read from the local cache "
+        first = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"  # one line per job, not per rank
+        (log.warning if first else log.debug)("the Hugging Face hub (%s) cannot be reached (%s): hub ids are read from the local cache "
                     "only; set HF_HUB_OFFLINE=1 to skip this check, or %s=0 if the hub is reachable by a route "
                     "it does not see", endpoint(), e, PROBE_ENV)
         return False
