@@ -36,12 +36,13 @@ run() {
 # BUDGET_S (optional): the whole script ends within this many seconds; STEP_TIMEOUT: one part's limit.
 # SUITES picks and orders the parts (default: all, most informative first), e.g. SUITES="profile_2b vision_2b".
 # The planned peaks of `bench --suite memory` (docs/benchmarks.md) are checked against the `peak` column of train_2b_*.
-# The first parts answer the open goals: MFU and feat_feat at 128 triples, the waits per step,
+# First the test suite's CUDA cases (`pytest -m gpu`, about a minute); then the parts that answer the open goals: MFU and feat_feat at 128 triples, the waits per step,
 # compiled decoder layers (the roofline puts a third of an eager step in memory-bound kernels that
 # only fusion removes), recomputation off, the 30-minute MMEB projection.
-SUITES=${SUITES:-train_2b_b128_nogc profile_2b_main train_2b_compile train_2b_b16 train_2b_b128_norecompute encode_2b encode_2b_compile train_2b_b16_unfused vision_2b lora_2b train_2b_b128 profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate train_2b_b128_dropout}
+SUITES=${SUITES:-cuda_tests train_2b_b128_nogc profile_2b_main train_2b_compile train_2b_b16 train_2b_b128_norecompute encode_2b encode_2b_compile train_2b_b16_unfused vision_2b lora_2b train_2b_b128 profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate train_2b_b128_dropout}
 for suite in $SUITES; do
   case $suite in
+    cuda_tests) run cuda_tests pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests ;;  # the CUDA cases of the test suite
     train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
       --out "$OUT/train_2b_b16.json" ;;
     train_2b_b16_unfused) run train_2b_b16_unfused rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 \

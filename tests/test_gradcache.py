@@ -3,14 +3,16 @@
 import pytest
 import torch
 
-from tinyutil import make_backbone, triple_batch
+from tinyutil import DEVICES, make_backbone, on, triple_batch
 from rematch_pl.gradcache import gradcache_step, slice_batch
 from rematch_pl.model import ReMatchModel
 
 
-def _model(matching="all", k=4):
+def _model(matching="all", k=4, dropout=0.0):
+    from rematch_pl.backbone.model import load_backbone
+
     torch.manual_seed(0)
-    bb = make_backbone("qwen2vl")
+    bb = load_backbone("tiny://qwen2vl", lora={"r": 8, "alpha": 16, "dropout": dropout})
     with torch.no_grad():
         for n, p in bb.named_parameters():
             if "lora_B" in n:
@@ -41,6 +43,35 @@ def test_gradcache_equals_unchunked(n_neg, chunk, matching, k):
     assert set(g_got) == set(g_ref) and g_ref
     for n in g_ref:
         torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcache_replays_lora_dropout(device):
+    """With LoRA dropout each chunk's re-forward must draw the dropout masks of its no-grad pass
+    (the CPU's and, on a GPU, CUDA's random state replayed): its embeddings are then those whose
+    contrastive gradients were cached, bit for bit. (The unchunked step draws its masks in
+    another order, so with dropout it is another sample, not a reference.)"""
+    model = _model("all", 4, dropout=0.3).to(device)
+    batch = on(device, triple_batch(model.backbone.processor, n_neg=1))
+    with torch.no_grad():  # dropout is on: two draws give other embeddings
+        a, b = (model(batch, mode="embed")["q"] for _ in range(2))
+    assert not torch.equal(a, b)
+    seen, embed = [], model.embed
+
+    def spy(groups, feats, grids):  # records each embedding pass's fused embeddings
+        out = embed(groups, feats, grids)
+        seen.append([fused.detach().clone() for fused, _ in out])
+        return out
+
+    model.embed = spy
+    torch.manual_seed(7)
+    terms = gradcache_step(model, batch, 1, backward=lambda t: t.backward())
+    n = batch["qry"]["ids"].shape[0]
+    assert len(seen) == 2 * n  # each chunk's no-grad pass, then each chunk's re-forward
+    for first, again in zip(seen[:n], seen[n:]):
+        for x, y in zip(first, again):
+            assert torch.equal(x, y)
+    assert torch.isfinite(terms["loss"]) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_gradcache_encodes_each_image_once_with_a_frozen_vision_tower():

@@ -1,11 +1,26 @@
 """Helpers shared by the tests: tiny backbones and hand-collated batches."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rematch_pl.bench.common import collate_side
 
 KINDS = ["qwen2vl", "qwen25vl"]
+
+# A test parametrized over DEVICES runs on the CPU everywhere and again on a CUDA device where one
+# is present (`pytest -m gpu` runs only the CUDA cases; `scripts/gpu_bench.sh` part `cuda_tests`):
+# CUDA takes other kernels (SDPA's flash and memory-efficient attention, cuBLAS, fused dropout)
+# and its own random generator.
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+
+
+def on(device: str, batch):
+    """A collated batch on `device`, moved as Lightning moves it (every tensor, nested)."""
+    from lightning.pytorch.utilities import move_data_to_device
+
+    return move_data_to_device(batch, torch.device(device))
 
 
 def make_backbone(kind: str, lora: bool = True, r: int = 8):
