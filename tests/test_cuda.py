@@ -109,3 +109,31 @@ def test_bf16_mixed_training_run(tmp_path):
     assert all(math.isfinite(v) for v in summary["last_loss"].values())
     assert "val/hit@1" in summary["val"]
     assert (run / "adapter" / "rematch_modules.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_trained_run_encodes_and_evaluates_on_the_gpu(tmp_path_factory, tmp_path):
+    """A CPU-trained run on the GPU in bf16: LoRA merged at load or kept as PEFT's branch gives the
+    same embeddings, close to the fp32 CPU ones; the MMEB eval runs there and scores above chance."""
+    from PIL import Image
+
+    from rematch_pl import Encoder
+    from rematch_pl.eval import run as eval_run
+    from test_eval_support import eval_cfg, trained_run_dir
+
+    run = trained_run_dir(tmp_path_factory)
+    images = [Image.new("RGB", (64 + 16 * i, 48), (40 * i, 200 - 30 * i, 90)) for i in range(3)]
+    texts = ["two red circles", "a blue square on grey", "three green triangles"]
+    out = {}
+    for name, kw in {"cpu": dict(device="cpu", dtype="fp32"), "merged": dict(device="cuda", merge_lora=True),
+                     "branch": dict(device="cuda", merge_lora=False)}.items():
+        enc = Encoder.from_pretrained(run, **kw)
+        out[name] = torch.cat([enc.encode(texts=texts, instruction="Find an image of:"),
+                               enc.encode(images=images, instruction="Represent the given image.", side="document")])
+    assert _cos(out["merged"], out["branch"]).min() > 0.995
+    assert _cos(out["merged"], out["cpu"]).min() > 0.99
+    res = eval_run(eval_cfg(f"ckpt={run}", "eval.accelerator=gpu", "eval.subsets=[Syn_CLS,Syn_T2I]",
+                            cache_dir=tmp_path / "cache"), tmp_path / "ev")
+    hit1 = sum(r["hit@1"] for r in res["mmeb"].values()) / len(res["mmeb"])
+    chance = sum(r["chance@1"] for r in res["mmeb"].values()) / len(res["mmeb"])
+    assert hit1 > 1.5 * chance, (hit1, chance)  # the criterion of the CPU eval test on this short run
