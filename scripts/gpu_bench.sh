@@ -42,7 +42,8 @@ run() {
 SUITES=${SUITES:-cuda_tests train_2b_b128_nogc profile_2b_main train_2b_compile train_2b_b16 train_2b_b128_norecompute encode_2b encode_2b_compile train_2b_b16_unfused vision_2b lora_2b train_2b_b128 profile_2b train_7b train_2b_lora_fp32 strategies max_batch_2b matching_2b encode_2b_rows64 encode_2b_lora_separate train_2b_b128_dropout}
 for suite in $SUITES; do
   case $suite in
-    cuda_tests) run cuda_tests pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests ;;  # the CUDA cases of the test suite
+    # the test suite's CUDA cases (tests marked gpu)
+    cuda_tests) run cuda_tests pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests ;;
     train_2b_b16) run train_2b_b16 rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 --iters 2 \
       --out "$OUT/train_2b_b16.json" ;;
     train_2b_b16_unfused) run train_2b_b16_unfused rematch_pl.bench --suite train --shape 2b --batches 16 --chunk 0 \

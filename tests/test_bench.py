@@ -1,6 +1,9 @@
 """The benchmark entry points run on CPU and write their figures (the figures themselves are not tested)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,7 +220,7 @@ def _gpu_bench_parts():
     for name, block in re.findall(r"^\s{4}(\w+)\)(.*?);;", body, flags=re.S | re.M):
         block = re.sub(r"\$\{EVAL_BENCH_ARGS:-([^}]*)\}", r"\1", block).replace("$OUT", "/tmp/out")
         cmds = []
-        for line in re.findall(r"\brun \S+ (rematch_pl\.\w+ [^\n]*)", block):
+        for line in re.findall(r"\brun \S+ ((?:rematch_pl\.\w+|pytest) [^\n]*)", block):
             for s in (strategies if "$s" in line else [None]):
                 cmds.append(shlex.split(line.replace("$s", s) if s else line))
         parts[name] = cmds
@@ -247,8 +250,12 @@ def test_gpu_bench_script_parts_exist_and_their_command_lines_parse():
                     pick_variants(a.variants.split(","))
             elif module == "rematch_pl.eval_bench":
                 eval_bench.parser().parse_args(args)
+            elif module == "pytest":  # the selection collects the CUDA cases (here they would be skipped)
+                res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], capture_output=True,
+                                     text=True, cwd=Path(__file__).parents[1], timeout=300)
+                assert res.returncode == 0 and "test_cuda.py" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
             else:
                 assert module == "rematch_pl.train", module
                 with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
                     validate(compose("config", overrides=[x for x in args if not x.startswith("hydra.")]))
-    assert seen == {"rematch_pl.bench", "rematch_pl.eval_bench", "rematch_pl.train"}
+    assert seen == {"rematch_pl.bench", "rematch_pl.eval_bench", "rematch_pl.train", "pytest"}
