@@ -74,6 +74,8 @@ def test_ablation_axes_take_their_values():
     ("backbone.lora.compute_dtype=fp16", "backbone.lora.compute_dtype"),
     ("backbone.lora.fused=maybe", "backbone.lora.fused"), ("backbone.fused_rms_norm=1", "backbone.fused_rms_norm"),
     ("train.memory_check.budget_gib=8,train.memory_check.reserve_gib=8", "train.memory_check.reserve_gib"),
+    ("loss.mask_false_negatives=sometimes", "loss.mask_false_negatives"),
+    ("train.gradcache.chunk_size=1,data.num_hardneg=0", "train.gradcache.chunk_size"),
 ])
 def test_invalid_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

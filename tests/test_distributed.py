@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rematch_pl.losses import contrastive_loss, gathered_contrastive_loss
+from rematch_pl.losses import contrastive_loss, false_negatives, gathered_contrastive_loss
 
 
-def _worker(rank, world, q, pos, neg, out_dir):
+def _worker(rank, world, q, pos, neg, out_dir, keys=None):
     # a file rendezvous: no port to race for
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
@@ -21,7 +21,13 @@ def _worker(rank, world, q, pos, neg, out_dir):
         lq, lp = q[sl].clone().requires_grad_(), pos[sl].clone().requires_grad_()
         ln = neg[sl].clone().requires_grad_() if neg is not None else None
         gather = lambda x: torch.stack(all_gather(x))  # noqa: E731  autograd-aware
-        loss = gathered_contrastive_loss(lq, lp, ln, 0.05, gather=gather, rank=rank)
+        exclude = None
+        if keys is not None:  # document keys: false negatives across both ranks' candidates
+            pk, nk = keys
+            N = nk.shape[0] // pk.shape[0] if nk is not None else 0
+            exclude = false_negatives(pk[sl], nk[rank * B * N:(rank + 1) * B * N] if nk is not None else None,
+                                      gather=gather, rank=rank)
+        loss = gathered_contrastive_loss(lq, lp, ln, 0.05, gather=gather, rank=rank, exclude=exclude)
         loss.backward()
         # DDP averages gradients over ranks: the local rows' gradient is grad / world
         torch.save({"loss": loss.detach(), "gq": lq.grad / world, "gp": lp.grad / world,
@@ -32,14 +38,16 @@ def _worker(rank, world, q, pos, neg, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("n_neg", [0, 2])
-def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg):
+@pytest.mark.parametrize("n_neg,masked", [(0, False), (2, False), (2, True)])
+def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg, masked):
     torch.manual_seed(n_neg)
     world, B, D = 2, 3, 16
     q, pos = torch.randn(world * B, D), torch.randn(world * B, D)
     neg = torch.randn(world * B, n_neg, D) if n_neg else None
+    # positives repeated across ranks (keys 1 and 2), a hard negative of rank 1 repeating one
+    keys = (torch.tensor([1, 2, 3, 1, 4, 2]), torch.tensor([5, 6, 7, 8, 9, 10, 11, 3, 12, 13, 1, 14])) if masked else None
     try:
-        mp.spawn(_worker, args=(world, q, pos, neg, str(tmp_path)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, q, pos, neg, str(tmp_path), keys), nprocs=world, join=True)
     except mp.ProcessExitedException as e:
         # gloo may abort a rank while the process group is torn down, after the barrier (seen on
         # loaded CI machines). The checks below only need what both ranks wrote before it.
@@ -47,7 +55,7 @@ def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg):
             raise
     sq, sp = q.clone().requires_grad_(), pos.clone().requires_grad_()
     sn = neg.clone().requires_grad_() if neg is not None else None
-    ref = contrastive_loss(sq, sp, sn, 0.05)
+    ref = contrastive_loss(sq, sp, sn, 0.05, false_negatives(*keys) if masked else None)
     ref.backward()
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     # the global loss is the mean of the per-rank losses

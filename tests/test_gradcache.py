@@ -24,25 +24,60 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def _both_steps(model, batch, chunk):
+    """(terms, gradients) of the unchunked step and of GradCache's, from the same seed."""
+    out = []
+    for step in ("unchunked", "gradcache"):
+        torch.manual_seed(7)
+        model.zero_grad()
+        if step == "unchunked":
+            terms = model(batch)
+            terms["loss"].backward()
+        else:
+            terms = gradcache_step(model, batch, chunk, backward=lambda t: t.backward())
+        out.append(({k: v.detach() for k, v in terms.items()}, _grads(model)))
+    return out
+
+
+def _assert_same(ref, got, names):
+    (t_ref, g_ref), (t_got, g_got) = ref, got
+    for name in names:
+        torch.testing.assert_close(t_got[name], t_ref[name], atol=1e-5, rtol=1e-5)
+    assert set(g_got) == set(g_ref) and g_ref
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("n_neg,chunk,matching,k", [(1, 1, "all", 4), (2, 2, "all", 4), (1, 2, "feat_feat", 0),
                                                     (0, 3, "none", 4)])
 def test_gradcache_equals_unchunked(n_neg, chunk, matching, k):
     model = _model(matching, k)
     batch = triple_batch(model.backbone.processor, n_neg=n_neg)
-    torch.manual_seed(7)
-    model.zero_grad()
-    ref = model(batch)
-    ref["loss"].backward()
-    g_ref = _grads(model)
-    torch.manual_seed(7)
-    model.zero_grad()
-    got = gradcache_step(model, batch, chunk, backward=lambda t: t.backward())
-    g_got = _grads(model)
-    for name in ("loss", "loss_cl", "loss_orth") + (("loss_qdm",) if matching != "none" else ()):
-        torch.testing.assert_close(got[name], ref[name].detach(), atol=1e-5, rtol=1e-5)
-    assert set(g_got) == set(g_ref) and g_ref
-    for n in g_ref:
-        torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    ref, got = _both_steps(model, batch, chunk)
+    _assert_same(ref, got, ("loss", "loss_cl", "loss_orth") + (("loss_qdm",) if matching != "none" else ()))
+
+
+@pytest.mark.parametrize("n_neg,matching,chunk", [(1, "all", 1), (0, "feat_feat", 3), (0, "none", 1)])
+def test_gradcache_equals_unchunked_with_false_negatives_masked(n_neg, matching, chunk):
+    """Document keys with repeats (queries 0 and 2 share a positive; query 1's hard negative
+    repeats it): the masked loss and its gradients are the unchunked ones, and the count of
+    false negatives is logged by both. (Without hard negatives the matching pass takes d- from
+    the instance's own chunk, so only a whole-batch chunk matches the unchunked step there.)"""
+    model = _model(matching, 4)
+    model.mask_false_negatives = True
+    batch = triple_batch(model.backbone.processor, n_neg=n_neg)
+    batch["pos"]["key"] = torch.tensor([11, 12, 11])
+    if n_neg:
+        batch["neg"]["key"] = torch.tensor([13, 11, 14])
+    ref, got = _both_steps(model, batch, chunk)
+    assert ref[0]["false_negatives"].item() == pytest.approx((2 + 2 * n_neg) / 3)  # queries 0 and 2: 1 + n_neg each
+    _assert_same(ref, got, ("loss", "loss_cl", "false_negatives"))
+    model.temperature = 1.0  # every candidate weighs in the denominator (at 0.02 a far one vanishes)
+    with torch.no_grad():
+        masked = model(batch)["loss_cl"]
+        model.mask_false_negatives = False
+        plain = model(batch)["loss_cl"]
+    assert plain > masked  # unmasked, the repeats count against the positive
 
 
 @pytest.mark.parametrize("device", DEVICES)

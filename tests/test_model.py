@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from rematch_pl.model import ReMatchModel, length_buckets
+from rematch_pl.model import ReMatchModel, length_buckets, other_positive
 from tinyutil import DEVICES, make_backbone, on, triple_batch
 
 
@@ -100,3 +100,12 @@ def test_bucketed_embedding_equals_one_padded_pass(device):
     for (a, sa), (b, sb) in zip(bucketed, single):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
         torch.testing.assert_close(sa, sb, atol=tol, rtol=tol)
+
+
+def test_d_minus_without_hard_negatives_is_never_the_same_document():
+    """Without hard negatives d- is the previous instance's positive (as torch.roll), skipping
+    positives that are the instance's own document (equal keys); all equal: the previous one."""
+    assert other_positive(4) == [3, 0, 1, 2] == torch.roll(torch.arange(4), 1).tolist()
+    assert other_positive(4, torch.tensor([5, 6, 7, 8])) == [3, 0, 1, 2]
+    assert other_positive(4, torch.tensor([5, 5, 7, 5])) == [2, 2, 1, 2]
+    assert other_positive(3, torch.tensor([9, 9, 9])) == [2, 0, 1]

@@ -47,6 +47,7 @@ def build_model(cfg: DictConfig, backbone: Backbone) -> ReMatchModel:
         bucket_pass_tokens=cfg.embedding.get("bucket_pass_tokens", 2048),
         template=cfg.embedding.template, temperature=cfg.loss.temperature, w_orth=cfg.loss.w_orth,
         w_qdm=cfg.loss.w_qdm, orthogonality=cfg.fusion.orthogonality,
+        mask_false_negatives=bool(cfg.loss.get("mask_false_negatives", False)),
     )
 
 

@@ -59,6 +59,8 @@ def validate(cfg: DictConfig) -> None:
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
     _check(lo.w_orth >= 0, "loss.w_orth", lo.w_orth, ">= 0")
     _check(lo.w_qdm >= 0, "loss.w_qdm", lo.w_qdm, ">= 0")
+    _check(isinstance(lo.get("mask_false_negatives", False), bool), "loss.mask_false_negatives",
+           lo.get("mask_false_negatives"), "true or false")
     _check(o.lr > 0, "optimizer.lr", o.lr, "> 0")
     _check(o.lr_scale > 0, "optimizer.lr_scale", o.lr_scale, "> 0")
     _check(o.scheduler in ("cosine", "linear", "constant"), "optimizer.scheduler", o.scheduler, "cosine | linear | constant")
@@ -68,6 +70,9 @@ def validate(cfg: DictConfig) -> None:
     _check(d.on_bad_row in ("raise", "skip"), "data.on_bad_row", d.on_bad_row, "raise | skip")
     gc = cfg.train.gradcache.chunk_size
     _check(gc is None or (isinstance(gc, int) and gc >= 1), "train.gradcache.chunk_size", gc, "null or an integer >= 1")
+    _check(gc != 1 or d.num_hardneg > 0 or cfg.matching.views == "none", "train.gradcache.chunk_size", gc,
+           ">= 2 when matching runs without hard negatives (data.num_hardneg=0): d- is another instance's "
+           "positive from the same chunk, and a chunk of 1 has none")
     _check(gc is None or t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "1 with GradCache (it already makes the batch as large as you like)")
     sa = cfg.train.get("sync_audit", 0)

@@ -27,7 +27,10 @@ def _rows(side: dict, rows: list[int]) -> dict:
     idx = torch.as_tensor(rows, device=side["ids"].device)
     lengths = side["lengths"][idx]
     L = int(lengths.max())
-    return {"ids": side["ids"][idx, :L], "lengths": lengths, "image": side["image"][idx]}
+    out = {"ids": side["ids"][idx, :L], "lengths": lengths, "image": side["image"][idx]}
+    if "key" in side:  # document keys (false negatives; d- without hard negatives)
+        out["key"] = side["key"][idx]
+    return out
 
 
 def slice_batch(batch: dict, instances: list[int]) -> dict:
@@ -94,8 +97,11 @@ def gradcache_step(
     has_neg = embs[0]["neg"] is not None
     en = torch.cat([e["neg"] for e in embs]).detach().requires_grad_() if has_neg else None
 
-    # 2. contrastive loss on the cached embeddings -> their gradients
-    loss_cl = gathered_contrastive_loss(eq, ep, en, model.temperature, gather, rank)
+    # 2. contrastive loss on the cached embeddings -> their gradients (false negatives from the
+    # whole batch's document keys, as in the unchunked step)
+    fn = model.false_negatives(batch, gather, rank, eq.device)  # [B, M] or None
+    loss_cl = gathered_contrastive_loss(eq, ep, en, model.temperature, gather, rank,
+                                        fn if model.mask_false_negatives else None)
     grads = torch.autograd.grad(loss_cl, [t for t in (eq, ep, en) if t is not None])
     gq, gp = grads[0], grads[1]
     gn = grads[2] if has_neg else None
@@ -129,6 +135,8 @@ def gradcache_step(
     if cuda:
         torch.cuda.set_rng_state(rng_now[1], device)
     totals["loss_cl"] = loss_cl.detach()
+    if fn is not None:
+        totals["false_negatives"] = fn.sum(1).float().mean()
     totals["loss"] = (loss_cl.detach() + model.w_orth * totals.get("loss_orth", 0.0)
                       + model.w_qdm * totals.get("loss_qdm", 0.0))
     return totals

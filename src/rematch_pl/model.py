@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from .backbone.model import Backbone
 from .backbone.sequence import Ids, Segment, Vecs, build_inputs, grid_rows, n_tokens, to_device
 from .fusion import MultiTokenFusion
-from .losses import gathered_contrastive_loss, matching_loss, orthogonality_loss
+from .losses import false_negatives, gathered_contrastive_loss, matching_loss, orthogonality_loss
 from .matching import MatchingHead, unified_mask
 
 TEMPLATES = ("plain", "chat")
@@ -39,6 +39,7 @@ class ReMatchModel(nn.Module):
         orthogonality: bool = True,
         bucket_pass_tokens: float = 2048,
         matching_row_tokens: int = 1024,
+        mask_false_negatives: bool = False,
     ):
         super().__init__()
         if template not in TEMPLATES:
@@ -73,6 +74,9 @@ class ReMatchModel(nn.Module):
         self.temperature = temperature
         self.w_orth = w_orth if orthogonality else 0.0
         self.w_qdm = w_qdm
+        # leave in-batch candidates that repeat a query's positive (same text and image) out of its
+        # contrastive denominator (`losses.false_negatives`); off: Eq. 3 as written
+        self.mask_false_negatives = bool(mask_false_negatives)
         self.chat_prefix, self.chat_suffix = backbone.processor.chat_turn_ids()  # MVQDM++ embedding template
 
     def _count(self, kind: str, packed) -> None:
@@ -199,17 +203,30 @@ class ReMatchModel(nn.Module):
             h = h[to_device(torch.tensor(order).argsort(), h.device)]
         return bb.lm_head(h)  # [B, V, vocab]
 
+    def false_negatives(self, batch: dict, gather: Callable | None, rank: int, device) -> torch.Tensor | None:
+        """`losses.false_negatives` of a batch whose sides carry document keys (None without them)."""
+        pos_key = batch["pos"].get("key")
+        if pos_key is None:
+            if self.mask_false_negatives:
+                raise ValueError("loss.mask_false_negatives=true needs document keys in the batch (batch['pos']['key'], "
+                                 "made by the data pipeline's collator)")
+            return None
+        neg = batch.get("neg")
+        neg_key = neg.get("key") if neg is not None else None
+        return false_negatives(to_device(pos_key, device), to_device(neg_key, device) if neg_key is not None else None,
+                               gather, rank)
+
     def draw_slots(self, B: int) -> torch.Tensor:
         """Which slot holds d+ for each instance: [B] bool, True = d1 (uniform, torch RNG)."""
         return torch.rand(B) < 0.5
 
     def matching_inputs(self, q_raw, pos_raw, neg_raw, eq, ep, en, q_states, p_states, n_states,
-                        pos_first: torch.Tensor | None = None):
+                        pos_first: torch.Tensor | None = None, pos_key: torch.Tensor | None = None):
         """Slot assignment (positive in d1 or d2 at random) and projected features."""
         head = self.matching
         B = len(q_raw)
         if neg_raw is None:  # no explicit hard negative: another instance's positive
-            perm = torch.roll(torch.arange(B), 1).tolist()
+            perm = other_positive(B, pos_key)
             neg_raw = [pos_raw[i] for i in perm]
             en, n_states = ep[perm], (p_states[perm] if p_states is not None else None)
         src = (q_states, p_states, n_states) if head.feature == "tokens" else (eq, ep, en)
@@ -268,13 +285,18 @@ class ReMatchModel(nn.Module):
         B = eq.shape[0]
         N = en.shape[0] // B if n_raw else 0
         terms = {}
+        pos_key = batch["pos"].get("key")  # [B] host document keys (the data pipeline's), or None
         if mode == "cached":
             surrogate = (eq * cache["q"]).sum() + (ep * cache["pos"]).sum()  # contrastive gradient, cached
             if n_raw:
                 surrogate = surrogate + (en * cache["neg"]).sum()
         else:
             en_b = en.view(B, N, -1) if n_raw else None  # [B, N, d]
-            terms["loss_cl"] = gathered_contrastive_loss(eq, ep, en_b, self.temperature, gather, rank)
+            fn = self.false_negatives(batch, gather, rank, eq.device)  # [B, M] or None
+            if fn is not None:
+                terms["false_negatives"] = fn.sum(1).float().mean()  # candidates repeating the positive, per query
+            exclude = fn if self.mask_false_negatives else None
+            terms["loss_cl"] = gathered_contrastive_loss(eq, ep, en_b, self.temperature, gather, rank, exclude)
         if self.fusion.k > 1:
             all_states = torch.cat([q_states, p_states] + ([n_states] if n_raw else []))  # [M, K, d]
             terms["loss_orth"] = orthogonality_loss(all_states)
@@ -288,7 +310,7 @@ class ReMatchModel(nn.Module):
             first_neg_raw = [n_raw[b * N] for b in range(B)] if n_raw else None
             mi = self.matching_inputs(q_raw, p_raw, first_neg_raw, eq, ep, first(en) if n_raw else None, q_states,
                                       p_states, first(n_states) if n_raw else None,
-                                      pos_first=cache["pos_first"] if cache else None)
+                                      pos_first=cache["pos_first"] if cache else None, pos_key=pos_key)
             labels = to_device(mi[-1], eq.device)
             with record_function("rematch/matching"):
                 logits = self.matching_logits(*mi[:-1], feats, grids)  # [B, V, vocab]
@@ -311,6 +333,21 @@ class ReMatchModel(nn.Module):
             loss = loss + self.w_qdm * terms["loss_qdm"]
         terms["loss"] = loss
         return terms
+
+
+def other_positive(B: int, pos_key: torch.Tensor | None = None) -> list[int]:
+    """For each instance, the instance whose positive serves as its d- when it has no explicit hard
+    negative: the previous one (cyclically, as ``torch.roll(arange(B), 1)``), skipping positives
+    with its own key (the same document: a "No" for its own positive would contradict the "Yes");
+    the previous one when all share it."""
+    if pos_key is None:
+        return [(b - 1) % B for b in range(B)]  # torch.roll(arange(B), 1)
+    keys = pos_key.tolist()  # host keys: no device read
+    out = []
+    for b in range(B):
+        c = next((c % B for c in range(b - 1, b - B, -1) if keys[c % B] != keys[b]), (b - 1) % B)
+        out.append(c)
+    return out
 
 
 def length_buckets(lengths: list[int], pass_tokens: float = 2048, min_buckets: int = 1) -> list[list[int]]:

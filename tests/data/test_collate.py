@@ -63,6 +63,17 @@ def test_train_batch_format(processor):
     # negatives instance-major: example 1's negatives are rows 2 and 3
     neg1 = batch["neg"]["ids"][3, : batch["neg"]["lengths"][3]].tolist()
     assert neg1 == processor.tokenize("green")
+    assert "key" not in batch["pos"]  # examples without document keys (e.g. hand-made ones)
+
+
+def test_document_keys_collated_per_side(processor):
+    exs = _examples()
+    for i, ex in enumerate(exs):
+        ex["pos_key"], ex["neg_keys"] = 10 + i % 2, [20 + i, 10]
+    batch = TrainCollator(processor, max_length=256)(exs)
+    assert batch["pos"]["key"].tolist() == [10, 11, 10]
+    assert batch["neg"]["key"].tolist() == [20, 10, 21, 10, 22, 10]  # instance-major, as the rows
+    assert batch["pos"]["key"].dtype == torch.long
 
 
 def test_image_token_counts(processor):

@@ -32,12 +32,27 @@ def test_example_format(three_subsets):
     ex = {e["row_id"]: e for b in batches for e in b}
     img_qry, txt_qry = ex["A:0"], ex["A:1"]
     assert set(img_qry) == {"subset", "row_id", "qry_text", "qry_image", "pos_text", "pos_image", "neg_texts",
-                            "neg_images"}
+                            "neg_images", "pos_key", "neg_keys"}
     assert img_qry["subset"] == "A" and img_qry["qry_image"].mode == "RGB" and img_qry["pos_image"] is None
     assert img_qry["pos_text"] == "label 0" and img_qry["neg_texts"] == ["wrong label 0"]
     assert img_qry["neg_images"] == [None]
     assert txt_qry["qry_image"] is None and txt_qry["pos_image"].size == (40, 40)
     assert txt_qry["neg_texts"] == [f"{PH}\nRepresent the given image.\n"] and txt_qry["neg_images"][0] is not None
+
+
+def test_document_keys_name_text_and_image_file(three_subsets):
+    """A document's key is its text as the model reads it and its image file: two rows with the same
+    label text share it, other texts or other files do not (`losses.false_negatives`)."""
+    from rematch_pl.data.stream import doc_key
+
+    exs = [e for b in stream(three_subsets, subsets=["A"]).one_pass() for e in b]
+    for ex in exs:
+        assert isinstance(ex["pos_key"], int) and len(ex["neg_keys"]) == len(ex["neg_texts"])
+    text_docs = {ex["pos_text"]: ex["pos_key"] for ex in exs if ex["pos_image"] is None}
+    assert len(set(text_docs.values())) == len(text_docs)  # distinct texts, distinct keys
+    assert doc_key("label 0", "") == doc_key("label 0", "") != doc_key("label 1", "")
+    assert doc_key("<|image_1|>", "/a.jpg") != doc_key("<|image_1|>", "/b.jpg")
+    assert doc_key("a", "") != doc_key("", "a")  # text and path kept apart
 
 
 def test_num_hardneg_zero_gives_no_negatives(three_subsets):

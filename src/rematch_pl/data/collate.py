@@ -5,9 +5,9 @@ Training batch (`TrainCollator`), with B examples and N negatives each::
     {"qry": {"ids": LongTensor[B, L] (right-padded with processor.pad_id),
              "lengths": LongTensor[B],
              "image": LongTensor[B]  (row of this batch's images, -1 = no image)},
-     "pos": same, B rows,
-     "neg": same, B*N rows, instance-major (example i's negatives at rows i*N .. i*N+N-1),
-            or None when N == 0,
+     "pos": same, B rows, plus "key": LongTensor[B] (document identities, `stream.doc_key`),
+     "neg": same, B*N rows, instance-major (example i's negatives at rows i*N .. i*N+N-1), with
+            "key", or None when N == 0,
      "pixel_values": Tensor (all images of the batch, processor output concatenated),
      "image_grid_thw": LongTensor[n_images, 3],
      "subset": list[str], "row_id": list[str],
@@ -112,10 +112,14 @@ class TrainCollator(_Encoder):
                 return f"bad row: subset {ex['subset']!r} row {ex['row_id']} ({role}{extra})"
             return name
 
+        sides = {"qry": self._side(qry, n_tokens, where("qry", 1)), "pos": self._side(pos, n_tokens, where("pos", 1)),
+                 "neg": self._side(neg, n_tokens, where("neg", n_neg)) if n_neg else None}
+        if all("pos_key" in ex for ex in examples):  # document identities (`stream.doc_key`)
+            sides["pos"]["key"] = torch.tensor([ex["pos_key"] for ex in examples], dtype=torch.long)
+            if n_neg:
+                sides["neg"]["key"] = torch.tensor([k for ex in examples for k in ex["neg_keys"]], dtype=torch.long)
         return {
-            "qry": self._side(qry, n_tokens, where("qry", 1)),
-            "pos": self._side(pos, n_tokens, where("pos", 1)),
-            "neg": self._side(neg, n_tokens, where("neg", n_neg)) if n_neg else None,
+            **sides,
             "pixel_values": image_batch.pixel_values,
             "image_grid_thw": image_batch.grid_thw.long(),
             "subset": [ex["subset"] for ex in examples],

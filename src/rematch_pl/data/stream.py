@@ -31,6 +31,7 @@ so that they reach the main process from DataLoader workers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -112,12 +113,20 @@ def resolve_rank_world(rank: int | None = None, world_size: int | None = None) -
     return r, w
 
 
+def doc_key(text: str, image_path: str) -> int:
+    """A document's identity as a signed 64-bit int: its text as the model reads it (instruction
+    included) and its image file. Equal keys = the same document (`losses.false_negatives`)."""
+    digest = hashlib.blake2b(f"{text}\x00{image_path}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 class TrainStream(IterableDataset):
     """Batches of training examples over MMEB-train-style subsets (see the module docstring).
 
     Each example is a dict ``subset, row_id ("<subset>:<row index>"), qry_text,
     qry_image (PIL RGB or None), pos_text, pos_image, neg_texts (list of num_hardneg),
-    neg_images (list, None = no image)``; images are loaded and made processor-safe here.
+    neg_images (list, None = no image), pos_key, neg_keys (`doc_key` of each document)``;
+    images are loaded and made processor-safe here.
     """
 
     def __init__(self, path: str, image_root: str | None = None, subsets=None, split: str = "original", *,
@@ -343,8 +352,10 @@ class TrainStream(IterableDataset):
         except _BadRow as bad:
             self._bad_row(subset, i, bad)
             return None
+        keys = [doc_key(t, p) for t, p in zip(docs, [pos_path] + [p for _, p in negs])]
         return {"subset": subset, "row_id": f"{subset}:{i}", "qry_text": qry_text, "qry_image": images[0],
-                "pos_text": docs[0], "pos_image": images[1], "neg_texts": docs[1:], "neg_images": images[2:]}
+                "pos_text": docs[0], "pos_image": images[1], "neg_texts": docs[1:], "neg_images": images[2:],
+                "pos_key": keys[0], "neg_keys": keys[1:]}
 
     def _content(self, text, path, role: str, root: str | None) -> tuple[str, str]:
         """(checked text, full image path or '')."""
