@@ -250,7 +250,8 @@ class ReMatchModel(nn.Module):
                 cache: dict | None = None, sides: tuple[str, ...] = ("qry",)) -> dict[str, torch.Tensor]:
         """Loss terms of one batch of (query, positive, hard negatives) triples (Eq. 5).
 
-        mode="loss": the terms and their weighted sum ``loss``;
+        mode="loss": the terms (loss_cl, loss_orth, loss_qdm, matching accuracies and, when the
+        batch's sides carry document keys, ``false_negatives``) and their weighted sum ``loss``;
         mode="embed": only the fused embeddings {q [B, d], pos [B, d], neg [B*N, d] | None};
         mode="cached" (GradCache re-forward): ``surrogate`` = <cached grads, embeddings> + this
         chunk's share of the orthogonality and matching losses (see `gradcache`);
