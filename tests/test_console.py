@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from rematch_pl.build import CONF_DIR, build_backbone, build_model
-from rematch_pl.console import parameter_counts, parameter_table
+from rematch_pl.console import parameter_counts, parameter_record, parameter_table
 
 
 def _model(*overrides):
@@ -38,3 +38,8 @@ def test_table_has_a_row_per_part_and_the_trainable_share():
     assert "| backbone | 2.0 M | 0 |" in table
     assert "| LoRA adapters | 500.0 K | 500.0 K |" in table
     assert "| total | 2.5 M | 500.0 K (20.00%) |" in table
+
+
+def test_record_has_flat_names_and_totals():
+    rec = parameter_record({"backbone": (100, 0), "LoRA adapters": (10, 10), "<feat_start>/<feat_end> markers": (2, 2)})
+    assert rec == {"backbone": 100, "lora": 10, "markers": 2, "total": 112, "trainable": 12}

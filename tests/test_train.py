@@ -64,6 +64,9 @@ def test_fast_run_with_wandb_offline_logs_nested_config(tmp_path):
     cfg = runs[0]["config"]
     # the resolved config, nested (not "fusion/k" or "fusion.k" flattened keys)
     assert cfg["fusion"]["k"] == 16 and cfg["backbone"]["lora"]["r"] == 32
+    params = cfg["parameters"]  # parameter counts by part, next to the config
+    assert params["total"] == sum(params[k] for k in ("backbone", "lora", "tokens", "projector", "markers"))
+    assert params["trainable"] == params["total"] - params["backbone"] > 0
     assert not any("/" in k or "." in k for k in cfg if not k.startswith("_"))
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 

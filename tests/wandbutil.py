@@ -31,17 +31,23 @@ def _records(path: Path):
 
 
 def offline_wandb_runs(run_dir: Path) -> list[dict]:
-    """(id, display name, group, project) of each offline W&B run under a run directory."""
+    """(id, display name, group, project, config with its later updates) of each offline W&B run under a
+    run directory."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = []
     for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        run = None
         for raw in _records(f):
             rec = pb.Record()
             rec.ParseFromString(raw)
-            if rec.WhichOneof("record_type") == "run":
+            kind = rec.WhichOneof("record_type")
+            if kind == "run" and run is None:
                 config = {item.key: json.loads(item.value_json) for item in rec.run.config.update}
-                out.append({"id": rec.run.run_id, "name": rec.run.display_name, "group": rec.run.run_group,
-                            "project": rec.run.project, "config": config})
-                break
+                run = {"id": rec.run.run_id, "name": rec.run.display_name, "group": rec.run.run_group,
+                       "project": rec.run.project, "config": config}
+            elif kind == "config" and run is not None:  # later wandb.config updates (log_hyperparams)
+                run["config"].update({item.key: json.loads(item.value_json) for item in rec.config.update})
+        if run is not None:
+            out.append(run)
     return out

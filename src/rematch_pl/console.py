@@ -42,6 +42,19 @@ def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {k: (n, t) for k, (n, t) in counts.items()}
 
 
+SLUGS = {"backbone": "backbone", "LoRA adapters": "lora", "learnable tokens (fusion)": "tokens",
+         "matching projector": "projector", "<feat_start>/<feat_end> markers": "markers", "other": "other"}
+
+
+def parameter_record(counts: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """`parameter_counts` as flat logger-friendly numbers: each part's parameters, the total and
+    the trainable total (``{"lora": ..., "total": ..., "trainable": ...}``)."""
+    rec = {SLUGS.get(part, part): n for part, (n, _) in counts.items()}
+    rec["total"] = sum(n for n, _ in counts.values())
+    rec["trainable"] = sum(t for _, t in counts.values())
+    return rec
+
+
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
