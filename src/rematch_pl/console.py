@@ -77,7 +77,8 @@ class ParameterSummary(Callback):
     when the callback is made (before a sharded strategy splits the weights across ranks)."""
 
     def __init__(self, model: nn.Module, title: str):
-        self.text = parameter_table(parameter_counts(model), title)
+        self.counts = parameter_counts(model)
+        self.text = parameter_table(self.counts, title)
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:

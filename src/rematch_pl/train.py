@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .build import CONF_DIR, build_backbone, build_datamodule, build_logger, build_model, build_module, build_trainer
 from .checkpoint import save_trainable
 from .config import validate
-from .console import ParameterSummary, parameter_counts, parameter_record, quiet_lightning_tips
+from .console import ParameterSummary, parameter_record, quiet_lightning_tips
 from .memory import check_memory
 
 log = logging.getLogger("rematch_pl.train")
@@ -77,10 +77,11 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
         for lg in logger:
             lg.log_metrics({f"memory/planned_{k}": plan[k] for k in
                             ("peak_gib", "weights_gib", "optimizer_gib", "transient_gib")}, step=0)
-    callbacks = [ParameterSummary(model, f"ReMatch model: backbone {cfg.backbone.name}, fusion {cfg.fusion.name} "
-                                         f"(K={cfg.fusion.k}), matching {cfg.matching.views}")]
+    params = ParameterSummary(model, f"ReMatch model: backbone {cfg.backbone.name}, fusion {cfg.fusion.name} "
+                                     f"(K={cfg.fusion.k}), matching {cfg.matching.views}")
     for lg in logger:  # the runs' parameter counts side by side on the dashboards (config "parameters")
-        lg.log_hyperparams({"parameters": parameter_record(parameter_counts(model))})
+        lg.log_hyperparams({"parameters": parameter_record(params.counts)})
+    callbacks = [params]
     if cfg.train.get("sync_audit", 0):
         from .sync_audit import SyncAuditCallback
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from ..hub import hub_kwargs, model_kwargs, unreachable_note
+from ..hub import hub_kwargs, looks_local, model_kwargs, unreachable_note
 from .lora import LoraSettings, lora_in_activation_dtype, lora_target_regex
 from .norm import fuse_rms_norms
 from .patch_embed import set_linear_patch_embed
@@ -65,7 +65,7 @@ def explain_load_errors(path: str, key: str = "backbone.path"):
             raise  # a ValueError about the settings, not about where the model is
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = unreachable_note(path) or first  # the probe found no hub: transformers' text says less
-        local = path.startswith(("/", ".", "~")) or os.path.isdir(folder)
+        local = looks_local(path)
         if local and not os.path.isdir(folder):
             first = f"no such folder ({os.path.abspath(folder)})"
         if local:
