@@ -39,6 +39,26 @@ def test_packed_equals_isolated_for_every_view(kind, feature, device):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_answers_do_not_see_the_other_slots_length(kind):
+    """Lengthening d2's raw document (text only, so its feature stays) leaves every d1 answer
+    unchanged: no position of a d1 answer depends on d2 (a shared answer start after the longest
+    document would move them, a label shortcut when d+ and d- differ in length)."""
+    model, batch, feats, mi = _setup(kind)
+    q_raw, d1_raw, d2_raw, zq, zd1, zd2, labels = mi
+    grids = batch["image_grid_thw"]
+    filler = model.backbone.processor.tokenize(" and some more words to make the document longer")
+    longer = [type(d)(torch.as_tensor(d.ids).tolist() + filler, d.image) for d in d2_raw]
+    with torch.no_grad():
+        base = model.matching_logits(q_raw, d1_raw, d2_raw, zq, zd1, zd2, feats, grids)
+        moved = model.matching_logits(q_raw, d1_raw, longer, zq, zd1, zd2, feats, grids)
+    for v, view in enumerate(model.matching.views):
+        if view.slot == 1:
+            torch.testing.assert_close(moved[:, v], base[:, v], atol=1e-5, rtol=0)
+        elif view.doc == "raw":
+            assert not torch.allclose(moved[:, v], base[:, v], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_unpaired_segments_do_not_leak(kind):
     """Changing D2 (raw and feature) leaves the answers of the d1 views unchanged, and vice versa."""
     model, batch, feats, mi = _setup(kind)

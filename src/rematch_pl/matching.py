@@ -12,9 +12,13 @@ predicts "Yes"/"No".
 
 Unified mask: P is causal on itself; each content segment sees P and itself (causally); answer
 v sees P, its own query view, its own document view and itself. Positions: all query views
-start right after P, all document views after the longest query view, all answers after the
-longest document view; so every answer is computed exactly as in an isolated pass holding only
-P, its query view, its document view and itself at the same positions (tested).
+start right after P, all document views after the longest query view, and each answer right
+after its own document view; so every answer is computed exactly as in an isolated pass holding
+only P, its query view, its document view and itself at the same positions (tested), and nothing
+in it depends on the other slot's document, not even through positions (tested: lengthening d2
+leaves every d1 answer unchanged). A single start for all answers (after the longest document, as
+`method.md` reads the paper) would let a d1 answer tell from its RoPE distance whether d2 is
+longer than d1: a label shortcut whenever d+ and d- differ in length.
 
 P is the same for every instance, so consecutive instances share a row holding P once
 (`MatchingHead.share_prefix`, up to ``matching.row_tokens`` tokens): each instance keeps its
@@ -181,12 +185,15 @@ class MatchingHead(nn.Module):
         span = lambda s: segment_span(s, image_token_id, grids, merge)  # noqa: E731
         q_start = span(P)
         d_start = q_start + max(span(s) for s in qsegs.values())
-        a_start = d_start + max(span(s) for s in dsegs.values())
         for s in qsegs.values():
             s.start = q_start
         for s in dsegs.values():
             s.start = d_start
-        answers = [Segment([Ids(self.answer_ids)], a_start, A_TAG0 + v) for v in range(len(self.views))]
+        # each answer starts right after its own document view: a shared start (after the longest
+        # document) would tell an answer, through the RoPE distance, whether the document it cannot
+        # see is longer than its own, i.e. leak which slot holds the longer of d+ and d-
+        answers = [Segment([Ids(self.answer_ids)], d_start + span(dsegs[(v.slot, v.doc)]), A_TAG0 + i)
+                   for i, v in enumerate(self.views)]
         if isolate is not None:
             v = self.views[isolate]
             return [P, qsegs[v.query], dsegs[(v.slot, v.doc)], answers[isolate]]
