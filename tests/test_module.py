@@ -146,3 +146,38 @@ def test_deepspeed_stops_on_a_nonfinite_loss_with_advice(tmp_path):
     gc = _train_with_nan(tmp_path / "ds_gc", "0:1", "strategy=deepspeed_zero2", "train.gradcache.chunk_size=2",
                          deepspeed=True)
     assert gc.returncode == 0, gc.stderr[-4000:]
+
+
+class RngAtForward(Callback):
+    """Records the global RNG state each time the model's forward starts."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_start(self, trainer, pl_module):
+        model, orig = pl_module.model, pl_module.model.forward
+
+        def forward(*a, **kw):
+            self.states.append(torch.get_rng_state().clone())
+            return orig(*a, **kw)
+
+        model.forward = forward
+
+
+def test_accumulated_micro_batches_draw_their_own_randomness(tmp_path):
+    """With trainer.accumulate_grad_batches=2 the two micro-batches of a step draw different d+
+    slots and dropout masks (the seed holds the micro-batch index), and each step differs."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=fast", "logger=csv", "trainer.max_steps=2",
+                                           "trainer.accumulate_grad_batches=2", "trainer.limit_val_batches=0",
+                                           "optimizer.warmup_steps=0", f"paths.output_root={tmp_path}"])
+    validate(cfg)
+    bb = build_backbone(cfg.backbone)
+    module = build_module(cfg, build_model(cfg, bb), tmp_path)
+    cb = RngAtForward()
+    trainer = build_trainer(cfg, tmp_path, [], callbacks=[cb])
+    trainer.fit(module, datamodule=build_datamodule(cfg, bb.processor))
+    assert len(cb.states) == 4  # 2 steps x 2 micro-batches
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(cb.states[i], cb.states[j]), (i, j)

@@ -85,9 +85,11 @@ class ReMatchModule(L.LightningModule):
         return self.all_gather(x, sync_grads=True)
 
     def on_train_batch_start(self, batch, batch_idx):
-        # Every step's randomness (slot of d+, dropout) is a function of (seed, step, rank) alone,
-        # so a resumed run repeats the uninterrupted one exactly, whatever ran in between.
-        torch.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        # Every step's randomness (slot of d+, dropout) is a function of (seed, step, micro-batch,
+        # rank) alone, so a resumed run repeats the uninterrupted one exactly, whatever ran in
+        # between; the micro-batches of one step (trainer.accumulate_grad_batches) draw apart.
+        micro = batch_idx % max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+        torch.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank + micro * 7_919_713)
         if self.rows_log:
             import json
             from pathlib import Path
