@@ -179,3 +179,120 @@ def test_eval_dataset_folders_are_checked_before_any_model_loads(tmp_path):
                                           r"run the sets that are there: eval.subsets=\[urban1k\]") as e:
         zeroshot_sets(eval_cfg("eval=zeroshot", f"eval.zeroshot.root={tmp_path}"))
     assert "'urban1k'" not in str(e.value).split("for {")[1].split("}")[0]
+
+
+def _refused(overrides) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(overrides))
+    return str(e.value)
+
+
+# (the edge of the range: accepted, the value past it: refused with this message). Every message
+# names the key, the bad value (repr) and what is expected, as the other start-up errors do.
+@pytest.mark.parametrize("good,bad,message", [
+    ("train.max_nonfinite_steps=1", "train.max_nonfinite_steps=0",
+     "train.max_nonfinite_steps=0 is invalid: expected an integer >= 1"),
+    ("train.max_nonfinite_steps=1", "train.max_nonfinite_steps=-3", "train.max_nonfinite_steps=-3 is invalid"),
+    ("trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_every_n_steps=0",
+     "trainer.checkpoint_every_n_steps=0 is invalid: expected an integer >= 1"),
+    ("trainer.checkpoint_every_n_steps=300", "trainer.checkpoint_every_n_steps=null",
+     "trainer.checkpoint_every_n_steps=None is invalid: expected an integer >= 1"),
+    ("optimizer.min_lr_ratio=1", "optimizer.min_lr_ratio=3", "optimizer.min_lr_ratio=3 is invalid: expected a number in [0, 1]"),
+    ("optimizer.min_lr_ratio=0", "optimizer.min_lr_ratio=-0.1", "optimizer.min_lr_ratio=-0.1 is invalid"),
+    ("optimizer.warmup_steps=0", "optimizer.warmup_steps=-10", "optimizer.warmup_steps=-10 is invalid: expected an integer >= 0"),
+    ("optimizer.warmup_steps=5", "optimizer.warmup_steps=2.5", "optimizer.warmup_steps=2.5 is invalid"),
+    ("optimizer.weight_decay=0", "optimizer.weight_decay=-1", "optimizer.weight_decay=-1 is invalid: expected a number >= 0"),
+    ("optimizer.betas=[0,0.5]", "optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0] is invalid"),
+    ("optimizer.lr_scale=2", "optimizer.lr_scale=abc", "optimizer.lr_scale='abc' is invalid: expected a number > 0"),
+    ("optimizer.lr=0.5", "optimizer.lr=abc", "optimizer.lr='abc' is invalid: expected a number > 0"),
+    ("loss.temperature=0.5", "loss.temperature=abc", "loss.temperature='abc' is invalid"),
+    ("trainer.max_steps=1", "trainer.max_steps=1.5", "trainer.max_steps=1.5 is invalid: expected an integer >= 1"),
+    ("trainer.val_check_interval=1", "trainer.val_check_interval=0",
+     "trainer.val_check_interval=0 is invalid: expected an integer >= 1"),
+    ("trainer.val_check_interval=1", "trainer.val_check_interval=0.5", "trainer.val_check_interval=0.5 is invalid"),
+    ("trainer.gradient_clip_val=0", "trainer.gradient_clip_val=-1",
+     "trainer.gradient_clip_val=-1 is invalid: expected null or a number >= 0"),
+    ("trainer.gradient_clip_val=null", "trainer.gradient_clip_val=big", "trainer.gradient_clip_val='big' is invalid"),
+    ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=0",
+     "trainer.accumulate_grad_batches=0 is invalid: expected an integer >= 1"),
+    ("trainer.limit_val_batches=3", "trainer.limit_val_batches=0.5",
+     "trainer.limit_val_batches=0.5 is invalid: expected an integer >= 0 (validation batches per rank; 0: no "
+     "validation) or 1.0"),
+    ("seed=7", "seed=abc", "seed='abc' is invalid: expected an integer"),
+    ("data.homogeneous=true", "data.homogeneous=maybe", "data.homogeneous='maybe' is invalid: expected true or false"),
+    ("train.log_rows=true", "train.log_rows=1", "train.log_rows=1 is invalid: expected true or false"),
+    ("save_adapter=false", "save_adapter=no", "save_adapter='no' is invalid: expected true or false"),
+    ("fusion.orthogonality=false", "fusion.orthogonality=yes", "fusion.orthogonality='yes' is invalid"),
+    ("backbone.lora.enabled=false", "backbone.lora.enabled=0", "backbone.lora.enabled=0 is invalid"),
+    ("trainer.enable_progress_bar=false", "trainer.enable_progress_bar=off", "trainer.enable_progress_bar='off' is invalid"),
+])
+def test_ranges_and_types_are_checked_at_start_up(good, bad, message):
+    validate(_compose([good]))
+    assert message in _refused([bad])
+
+
+# data.* values checked from the config alone, before the backbone loads (the datamodule is built
+# after it); only the subset names need the dataset.
+@pytest.mark.parametrize("good,bad,message", [
+    ("data.num_workers=0", "data.num_workers=-1", "data.num_workers=-1 is invalid: expected an integer >= 0"),
+    ("data.batch_size=2", "data.batch_size=2.5", "data.batch_size=2.5 is invalid: expected an integer >= 2"),
+    ("data.num_hardneg=0", "data.num_hardneg=1.5", "data.num_hardneg=1.5 is invalid: expected an integer >= 0"),
+    ("data.eval_batch_size=1", "data.eval_batch_size=0", "data.eval_batch_size=0 is invalid: expected an integer >= 1"),
+    ("data.prefetch_factor=1", "data.prefetch_factor=0", "data.prefetch_factor=0 is invalid: expected an integer >= 1"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer=-1", "data.shuffle_buffer=-1 is invalid"),
+    ("data.max_length=null", "data.max_length=0", "data.max_length=0 is invalid: expected null or an integer >= 1"),
+    ("data.eval.max_queries=1", "data.eval.max_queries=0", "data.eval.max_queries=0 is invalid"),
+    ("data.train.subsets=[Syn_CLS]", "data.train.subsets=Syn_CLS",
+     "data.train.subsets='Syn_CLS' is invalid: expected null or a list of subset names"),
+    ("data.eval.subsets=[Syn_CLS,Syn_VQA]", "data.eval.subsets=[Syn_CLS,3]", "data.eval.subsets=['Syn_CLS', 3] is invalid"),
+    ("data.train.caps={Syn_CLS:0}", "data.train.caps=5",
+     "data.train.caps=5 is invalid: expected null or a mapping subset -> maximum rows"),
+    ("data.train.caps={Syn_CLS:100}", "data.train.caps={Syn_CLS:-1}",
+     "data.train.caps.Syn_CLS=-1 is invalid: expected an integer >= 0"),
+    ("data.train.caps={Syn_CLS:100}", "data.train.caps={Syn_CLS:2.5}", "data.train.caps.Syn_CLS=2.5 is invalid"),
+    ("data.train.weights={Syn_CLS:0.5}", "data.train.weights={Syn_CLS:0}",
+     "data.train.weights.Syn_CLS=0 is invalid: expected a number > 0"),
+    ("data.train.split=train", "data.train.split=3", "data.train.split=3 is invalid: expected a split name"),
+    ("data.target_instruction=default", "data.target_instruction=fancy",
+     "data.target_instruction='fancy' is invalid: expected null, default or a mapping"),
+    ("data.target_instruction={default:'Represent: ',Syn_T2I:{image:'An image: ',text:null}}",
+     "data.target_instruction={Syn_CLS:3}", "data.target_instruction.Syn_CLS=3 is invalid"),
+    ("data.target_instruction={Syn_T2I:{image:'An image: '}}", "data.target_instruction={Syn_T2I:{audio:x}}",
+     "data.target_instruction.Syn_T2I={'audio': 'x'} is invalid"),
+])
+def test_data_values_are_checked_before_the_backbone_loads(good, bad, message):
+    validate(_compose([good]))
+    assert message in _refused([bad])
+
+
+def test_matching_refuses_an_attention_that_ignores_its_mask():
+    """The packed matching pass needs its unified 4-D mask: sdpa and eager take it, flash-attention not."""
+    for impl in ("sdpa", "eager"):
+        validate(_compose([f"backbone.attn_implementation={impl}"]))
+    validate(_compose(["backbone.attn_implementation=flash_attention_2", "matching=none"]))  # no matching pass
+    msg = _refused(["backbone.attn_implementation=flash_attention_2", "matching=feat_feat"])
+    assert msg.startswith("backbone.attn_implementation='flash_attention_2' is invalid: expected sdpa | eager")
+    assert "matching.views=feat_feat" in msg and "matching=none" in msg
+
+
+def test_gradcache_refuses_every_chunk_of_one_instance():
+    """Without hard negatives, matching takes d- from another instance of the same chunk: no chunk may
+    hold one instance, the last one included (data.batch_size % chunk_size == 1)."""
+    base = ["data.num_hardneg=0", "data.batch_size=9"]
+    msg = _refused(base + ["train.gradcache.chunk_size=4"])
+    assert msg.startswith("train.gradcache.chunk_size=4 is invalid")
+    assert "chunks of 4, 4, 1" in msg and "3, 5, 6, 7 or >= 9" in msg
+    assert "Sizes that work: >= 3 (one chunk)" in _refused(["data.num_hardneg=0", "data.batch_size=3",
+                                                           "train.gradcache.chunk_size=2"])
+    for ok in (["train.gradcache.chunk_size=3"], ["train.gradcache.chunk_size=5"], ["train.gradcache.chunk_size=64"],
+               ["train.gradcache.chunk_size=4", "data.num_hardneg=1"], ["train.gradcache.chunk_size=4", "matching=none"]):
+        validate(_compose(base + ok))
+    # the rule is exactly "no chunk of one", with the chunks formed as gradcache.gradcache_step forms them
+    for B in (2, 3, 8, 9, 16, 17):
+        for c in range(1, B + 2):
+            chunks = [list(range(s, min(s + c, B))) for s in range(0, B, c)]
+            over = base[:1] + [f"data.batch_size={B}", f"train.gradcache.chunk_size={c}"]
+            if min(map(len, chunks)) >= 2:
+                validate(_compose(over))
+            else:
+                _refused(over)

@@ -284,3 +284,23 @@ def test_training_runs_with_the_plans_gradient_checkpointing_choice(tmp_path, bu
     assert summary["steps"] == 1
     assert summary["config"]["backbone"]["gradient_checkpointing"] is expected  # resolved, as logged
     assert (summary["memory_plan"] or {}).get("gradient_checkpointing", True) is expected
+
+
+@pytest.mark.parametrize("batch", [2, 5, 8, 9, 16, 17, 128])
+def test_suggested_chunks_are_ones_the_config_accepts(batch):
+    """Without hard negatives the memory check suggests only chunk sizes that leave no chunk of
+    one triple (which start-up would refuse); about halving, largest first."""
+    from rematch_pl.config import ConfigError, _check_no_chunk_of_one
+    from rematch_pl.memory import _chunk_candidates
+
+    for pairs in (False, True):
+        got = _chunk_candidates(batch, batch, pairs)
+        assert got == sorted(set(got), reverse=True) and all(1 <= c < batch for c in got)
+        assert not got or got[0] >= batch // 2
+        if not pairs:
+            assert got[-1] == 1
+        for c in got if pairs else []:
+            try:
+                _check_no_chunk_of_one(c, batch)
+            except ConfigError:
+                pytest.fail(f"suggested chunk {c} of batch {batch} is refused at start-up")

@@ -267,6 +267,24 @@ class MemoryPlanError(RuntimeError):
     """The planned peak of the configured training step exceeds the device's memory."""
 
 
+def _chunk_candidates(current: int, batch: int, pairs: bool) -> list[int]:
+    """GradCache chunk sizes to try below `current`, about halving each time. With `pairs`
+    (matching without hard negatives) no chunk may hold a single triple (`config.py`): each
+    halving moves to the nearest size that leaves none (up to the next halving, then down)."""
+    def ok(c):
+        return c >= 1 and (not pairs or (c >= 2 and batch % c != 1))
+
+    out, c = [], current // 2
+    while c >= 1:
+        pick = next((x for x in list(range(c, min(2 * c, current))) + list(range(c - 1, 0, -1))
+                     if ok(x) and (not out or x < out[-1])), None)
+        if pick is None:
+            break
+        out.append(pick)
+        c = pick // 2
+    return out
+
+
 def plan_step(model: torch.nn.Module, batch: dict, chunk: int | None, target: str = "cuda") -> dict:
     """`step_memory` of one training step of a meta `model` on `batch` (its pixels moved to meta),
     as the trainer runs it: AdamW on the trainable parameters, GradCache when `chunk` < batch."""
@@ -389,14 +407,12 @@ def check_memory(cfg, target: str = "cuda") -> dict | None:
              f"{plan['transient_gib']:.2f})")
     if plan["fits"] is False:
         fix = "a smaller data.batch_size"
-        c = min(chunk or B, B) // 2
-        while c >= 1:
+        for c in _chunk_candidates(min(chunk or B, B), B, pairs=cfg.data.num_hardneg == 0 and cfg.matching.views != "none"):
             peak = planned(backbone, batch, c)["peak"] / GiB
             if peak <= budget:
                 plan["suggested_chunk"] = c
                 fix = f"train.gradcache.chunk_size={c} (planned {peak:.1f} GiB) or {fix}"
                 break
-            c //= 2
         msg = (f"train.memory_check: the planned peak memory of one training step is {plan['peak_gib']:.1f} GiB{verdict} "
                f"at data.batch_size={B}, train.gradcache.chunk_size={chunk}. Use {fix}; "
                "train.memory_check.mode=never skips this check.")
