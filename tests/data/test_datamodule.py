@@ -163,3 +163,17 @@ def test_transfer_moves_the_payload_and_keeps_packing_metadata_on_the_host(dm):
                 assert all(t is None or t.device.type == "cpu" for t in leaves)
     assert moved["item_index"].is_meta  # gathered across ranks at the end of validation: on the device
     assert set(HOST_KEYS) >= {"qry", "pos", "neg", "image_grid_thw"} & set(train)
+
+
+def test_resume_warns_when_the_batch_layout_changed(dm, caplog):
+    """The checkpoint names what decides a batch's rows; a resume that changes one of them says
+    that rows will repeat or be skipped (the number of workers does not matter)."""
+    state = dm.state_dict()
+    assert state["stream_layout"] == {"world_size": 1, "batch_size": 4, "homogeneous": True, "seed": 0}
+    dm.load_state_dict({"train_batches_consumed": 3, "stream_layout": state["stream_layout"]})
+    caplog.clear()
+    dm.train_dataloader()
+    assert not [r for r in caplog.records if "resuming with a different" in r.getMessage()]
+    dm.load_state_dict({"train_batches_consumed": 3, "stream_layout": dict(state["stream_layout"], batch_size=8)})
+    dm.train_dataloader()
+    assert any("batch_size 8 -> 4" in r.getMessage() and "repeat" in r.getMessage() for r in caplog.records)

@@ -113,10 +113,15 @@ def test_hard_negative_index_joins_by_key(tmp_path):
 
 
 def test_hard_negative_length_mismatch(tmp_path):
-    rows = [dict(train_row("q", "", "p", ""), neg_text="['a', 'b']", neg_image_path="['x.png']")]
+    """A malformed entry does not stop the loading: its own row gets the error (the stream's
+    on_bad_row decides), the other rows their negatives."""
+    rows = [dict(train_row("q", "", "p", ""), neg_text="['a', 'b']", neg_image_path="['x.png']"),
+            dict(train_row("q2", "", "p2", ""), neg_text="['c']", neg_image_path="[]")]
     write_parquet(tmp_path / "hn", "H", "original", rows)
+    index = HardNegativeIndex.load(tmp_path / "hn", "H", "original")
+    assert index.malformed == 1 and index.get(rows[1]) == [("c", "")]
     with pytest.raises(DataError, match="2 entries but neg_image_path has 1"):
-        HardNegativeIndex.load(tmp_path / "hn", "H", "original")
+        index.get(rows[0])
 
 
 def test_select_negatives_never_returns_the_positive():

@@ -18,6 +18,7 @@ items in strides again.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 from collections import Counter
@@ -32,6 +33,8 @@ from rematch_pl.data.mmeb import (DataError, EvalSet, image_root_problem, list_s
                                   resolve_target_instructions)
 from rematch_pl.data.stream import BAD_ROW_POLICIES, TrainStream, resolve_rank_world
 from rematch_pl.data.synthetic import generate_synthetic, synthetic_paths
+
+log = logging.getLogger(__name__)
 
 TRAIN_KEYS = {"path": None, "image_root": None, "subsets": None, "split": "original", "caps": None, "weights": None}
 HARDNEG_KEYS = {"path": None, "image_root": None, "split": "original"}
@@ -234,21 +237,44 @@ class MMEBDataModule(pl.LightningDataModule):
             rank=rank, world_size=world)
 
     # ------------------------------------------------------------------ exact resume
+    # What a batch's rows depend on besides the batch index (`TrainStream`: not the workers).
+    STREAM_LAYOUT = ("world_size", "batch_size", "homogeneous", "seed")
+
+    def _stream_layout(self) -> dict:
+        return {"world_size": self._rank_world()[1], "batch_size": int(self.batch_size),
+                "homogeneous": bool(self.homogeneous), "seed": int(self.seed)}
+
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: how many training batches this rank has consumed."""
+        """Saved in every checkpoint: how many training batches this rank has consumed, and the
+        settings that decide which rows make up a batch."""
         consumed = 0
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             consumed = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-        return {"train_batches_consumed": consumed}
+        return {"train_batches_consumed": consumed, "stream_layout": self._stream_layout()}
 
     def load_state_dict(self, state: dict) -> None:
         """On resume the training stream skips the batches consumed before the checkpoint."""
         self._resume_skip = int(state.get("train_batches_consumed", 0))
+        self._resume_layout = state.get("stream_layout")
+
+    def _check_resume_layout(self) -> None:
+        """A resume that changes what makes up a batch cannot continue the stream exactly: say so."""
+        saved = getattr(self, "_resume_layout", None)
+        if not saved or not getattr(self, "_resume_skip", 0):
+            return
+        now = self._stream_layout()
+        changed = {k: (saved.get(k), now[k]) for k in self.STREAM_LAYOUT if k in saved and saved[k] != now[k]}
+        if changed and self._rank_world()[0] == 0:
+            log.warning("resuming with a different %s (checkpoint -> now): the training stream skips the %d batches "
+                        "consumed, but they are laid out differently now, so some rows will repeat and others be "
+                        "skipped before the stream's next pass. The number of dataloader workers does not matter.",
+                        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), self._resume_skip)
 
     def train_dataloader(self) -> DataLoader:
         collate = TrainCollator(self._require_processor(), self.max_length, self.pixel_dtype)
         stream = self.train_stream()
+        self._check_resume_layout()
         stream.skip_batches = getattr(self, "_resume_skip", 0)
         return DataLoader(stream, batch_size=None, collate_fn=collate, **self._worker_kwargs())
 

@@ -325,7 +325,9 @@ class HardNegativeIndex:
 
     Each entry is the ordered list of ``(text, image_path)`` negatives (image paths as
     stored, relative to ``image_root``). On duplicate keys the first row wins
-    (``duplicates`` counts the others).
+    (``duplicates`` counts the others). A malformed row (a list that does not parse, text and
+    image lists of different lengths) does not stop the loading: its training row gets the
+    DataError from `get` (the stream's ``on_bad_row`` decides), ``malformed`` counts them.
     """
 
     def __init__(self, entries: dict, image_root: str | None = None, source: str = ""):
@@ -333,19 +335,24 @@ class HardNegativeIndex:
         self.image_root = image_root
         self.source = source
         self.duplicates = 0
+        self.malformed = 0
 
     @classmethod
     def from_rows(cls, rows, image_root: str | None = None, source: str = "") -> "HardNegativeIndex":
         index = cls({}, image_root, source)
         for i, row in enumerate(rows):
             what = f"{source} row {i}"
-            texts = parse_str_list(row.get("neg_text"), f"{what} neg_text")
-            paths = parse_str_list(row.get("neg_image_path"), f"{what} neg_image_path")
             key = row_key(row)
             if key in index.entries:
                 index.duplicates += 1
                 continue
-            index.entries[key] = _negative_pairs(texts, paths, what)
+            try:
+                texts = parse_str_list(row.get("neg_text"), f"{what} neg_text")
+                paths = parse_str_list(row.get("neg_image_path"), f"{what} neg_image_path")
+                index.entries[key] = _negative_pairs(texts, paths, what)
+            except DataError as e:
+                index.entries[key] = e
+                index.malformed += 1
         return index
 
     @classmethod
@@ -356,8 +363,12 @@ class HardNegativeIndex:
         return cls.from_rows(iter_rows(ds), image_root, f"hard negatives {path} [{subset}/{split}]")
 
     def get(self, row: Mapping) -> list[tuple[str, str]] | None:
-        """The negatives of a training row (None when the row has no entry)."""
-        return self.entries.get(row_key(row))
+        """The negatives of a training row (None when the row has no entry); raises the DataError
+        of a malformed entry."""
+        found = self.entries.get(row_key(row))
+        if isinstance(found, DataError):
+            raise DataError(str(found))
+        return found
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -1,32 +1,40 @@
 """The training stream: MMEB-train subsets mixed by weight, sharded exactly, yielding batches.
 
-Sharding. Shard ``s = rank * num_workers + worker`` of ``S = world_size * num_workers``
-keeps the rows whose global row index ``i`` (position in its subset, before caps are
-counted) satisfies ``i % S == s``: one pass over all shards yields every row exactly
-once. Rank and world size come from the constructor when given, else from an
-initialised ``torch.distributed``, else 0 / 1; the worker from ``get_worker_info()``.
+Sharding. Rank ``r`` of ``world_size`` keeps the rows whose global row index ``i`` (position
+in its subset, before caps are counted) satisfies ``i % world_size == r``: one pass over all
+ranks yields every row exactly once. Within a rank, batches (not rows) are dealt to the
+DataLoader workers: every worker lays out every batch of its rank (rows, texts, keys; cheap
+checks only) and loads the images of its own batches (``j % num_workers``). So a batch's rows
+are a function of (seed, epoch, rank, world size, batch index) alone: they do not depend on the
+number of workers, and a resumed run lays out the batches it skips without decoding an image.
+Rank and world size come from the constructor when given, else from an initialised
+``torch.distributed``, else 0 / 1; the worker from ``get_worker_info()``.
 
-Mixing. Each subset is read through `stream_subset` (HF ``datasets`` streaming), its
-shard's rows go through a seeded shuffle buffer, and a seeded RNG picks the subset of
-the next example (``homogeneous=False``) or of the next whole batch
-(``homogeneous=True``) with probability proportional to its weight. Default weights
-are proportional to the rows each subset contributes (after caps); uniform when some
-subset's size is unknown (a hub dataset without split sizes). The subset-choice RNG
-depends only on ``seed`` and the epoch, not on the shard, so every rank and worker
-draws the same subset sequence: with ``homogeneous=True`` the global batch of a step
-comes from one subset.
+Mixing. Each subset is read through `stream_subset` (HF ``datasets`` streaming), its rank's
+rows go through a seeded shuffle buffer, and a seeded RNG picks the subset of the next example
+(``homogeneous=False``) or of the next whole batch (``homogeneous=True``) with probability
+proportional to its weight. Default weights are proportional to the rows each subset
+contributes (after caps); uniform when some subset's size is unknown (a hub dataset without
+split sizes). The subset-choice RNG depends only on ``seed`` and the epoch, so every rank
+draws the same sequence: with ``homogeneous=True`` the global batch of a step comes from one
+subset, and consecutive batches are independent draws.
 
 Passes. Iterating the stream (``__iter__``) is infinite by default: a subset that runs out starts
-its next pass at once with a new shuffle seed (its pass counter), so batches are always
-full and equal across ranks. `one_pass` (or ``infinite=False``) yields one pass exactly,
-with partial batches at the end, for tests and counting.
+its next pass at once with a new shuffle seed (its pass counter), so batches are always full and
+equal across ranks; a batch never holds a row twice (`_RowSequence`), unless its subset has
+fewer rows on the rank than the batch needs. `one_pass` (or ``infinite=False``) yields one pass
+exactly, with partial batches at the end, for tests and counting.
 
-Bad rows (missing or unreadable image file, empty query or document, placeholder/image
-mismatch, missing negatives, malformed negative list): ``on_bad_row="raise"`` raises a
-DataError naming subset, row index and file; ``"skip"`` counts them in ``bad_rows``
-(``{subset: {reason: count}}``, each row once per process however many passes skip it),
-logs a warning, and attaches the new counts to the next batch (``ExampleBatch.bad_rows``)
-so that they reach the main process from DataLoader workers.
+Bad rows (missing image file, empty query or document, placeholder/image mismatch, missing
+negatives, malformed negative list, in the row or in the hard-negative source; an image that
+does not decode): ``on_bad_row="raise"`` raises a DataError naming subset, row index and file;
+``"skip"`` leaves the row out, counts it in ``bad_rows`` (``{subset: {reason: count}}``, each
+row once per process however many passes skip it), logs a warning, and attaches the new counts
+to the next batch (``ExampleBatch.bad_rows``) so that they reach the main process from
+DataLoader workers. All but an undecodable image are found while laying out batches, so every
+worker agrees on them; an image that does not decode is found when its batch is loaded, and its
+row is replaced in that batch by a spare row of the same subset (chosen by a shuffle seeded by
+the batch index), so batches stay full and resume stays exact.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rematch_pl.data.images import load_image, make_processor_safe
@@ -175,7 +182,7 @@ class TrainStream(IterableDataset):
         self._bad_seen: set[tuple[str, int]] = set()
         self._hardneg: dict[str, HardNegativeIndex] = {}
         self.skip_batches = 0  # batches of this rank already consumed (exact resume)
-        self._skipping = False
+        self._worker = (0, 1)  # (worker, num_workers) of the iteration in progress
 
     # ------------------------------------------------------------------ config
     def _per_subset(self, values: Mapping | None, name: str, minimum: float) -> dict:
@@ -228,101 +235,84 @@ class TrainStream(IterableDataset):
         return sum(self.sizes.values())
 
     # ------------------------------------------------------------------ iteration
-    def _shard(self, rank=None, world_size=None, worker_id=None, num_workers=None) -> tuple[int, int]:
-        r, w = resolve_rank_world(rank if rank is not None else self.rank,
-                                  world_size if world_size is not None else self.world_size)
+    def __iter__(self) -> Iterator[ExampleBatch]:
+        """Infinite batches (``infinite=True``, for training) or one pass (``infinite=False``) of
+        this rank, from batch ``skip_batches`` on (exact resume).
+
+        The DataLoader takes batch j from worker ``j % num_workers`` (counting from the first
+        batch it asks for), so worker w yields batches ``skip_batches + w + k * num_workers``.
+        Every worker lays out every batch of its rank (`_compose`: rows and texts, no image
+        decoding), so a batch's rows do not depend on the number of workers, and the batches
+        before ``skip_batches`` are laid out exactly as before without loading an image.
+        """
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world = resolve_rank_world(self.rank, self.world_size)
+        return self._owned_batches(rank, world, worker_id, num_workers, int(self.skip_batches), self.infinite)
+
+    def one_pass(self, rank: int | None = None, world_size: int | None = None, worker_id: int | None = None,
+                 num_workers: int | None = None) -> Iterator[ExampleBatch]:
+        """The batches of one pass that one worker of one rank yields (given explicitly, or as in
+        `__iter__`); partial batches at the end."""
+        rank, world = resolve_rank_world(rank if rank is not None else self.rank,
+                                         world_size if world_size is not None else self.world_size)
         if worker_id is None:
             info = get_worker_info()
             worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if not 0 <= worker_id < num_workers:
             raise ValueError(f"invalid worker {worker_id} of {num_workers}")
-        return r * num_workers + worker_id, w * num_workers
+        return self._owned_batches(rank, world, worker_id, num_workers, 0, infinite=False)
 
-    def __iter__(self) -> Iterator[ExampleBatch]:
-        """Infinite batches (``infinite=True``, for training) or one pass (``infinite=False``).
+    def _owned_batches(self, rank: int, world: int, worker: int, num_workers: int, first: int,
+                       infinite: bool) -> Iterator[ExampleBatch]:
+        self._worker = (worker, num_workers)  # every worker meets every bad row: one counts it
+        for j, layout in enumerate(self._compose(rank, world, infinite)):
+            if j >= first and (j - first) % num_workers == worker:
+                yield ExampleBatch(self._load(j, layout, rank, world), self._take_pending())
 
-        With ``skip_batches = n`` (resume), the first n batches of this rank are skipped: the
-        DataLoader takes batch j from worker ``j % num_workers``, so worker w skips the batches
-        j < n with ``j % num_workers == w``. Skipped batches are composed exactly as before
-        (images are only opened, not decoded), so the stream continues where it stopped.
+    def _compose(self, rank: int, world: int, infinite: bool) -> Iterator[list[tuple[str, int, dict]]]:
+        """The rows of each batch of this rank, ``[(subset, row index, prepared example)]``.
+
+        A seeded RNG, the same on every rank and worker, picks the subset of each example
+        (``homogeneous=False``) or of each batch (``True``); the rows come from the subset's
+        `_RowSequence` on this rank, never twice in one batch.
         """
-        info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n = int(self.skip_batches)
-        # After n batches the DataLoader still starts with worker 0, but batch n belongs to
-        # original worker n % num_workers: worker w continues the stream of worker (w + n) % num_workers.
-        origin = (worker_id + n) % num_workers
-        shard, num_shards = self._shard(worker_id=origin, num_workers=num_workers)
-        own_skip = (n - origin + num_workers - 1) // num_workers if n > origin else 0
-        return self._skipped(self._batches(shard, num_shards, infinite=self.infinite), own_skip)
-
-    def _skipped(self, batches: Iterator[ExampleBatch], k: int) -> Iterator[ExampleBatch]:
-        if k:
-            self._skipping = True
-            try:
-                for _ in range(k):
-                    next(batches)
-            finally:
-                self._skipping = False
-        yield from batches
-
-    def one_pass(self, rank: int | None = None, world_size: int | None = None, worker_id: int | None = None,
-                 num_workers: int | None = None) -> Iterator[ExampleBatch]:
-        """Exactly one pass over one shard (given explicitly, or as in `__iter__`); partial batches at the end."""
-        shard, num_shards = self._shard(rank, world_size, worker_id, num_workers)
-        return self._batches(shard, num_shards, infinite=False)
-
-    def _batches(self, shard: int, num_shards: int, infinite: bool) -> Iterator[ExampleBatch]:
-        mix = random.Random(f"{self.seed}|mix|{self.epoch}")  # same on all shards
+        mix = random.Random(f"{self.seed}|mix|{self.epoch}")  # same on all ranks and workers
         active = list(self.weights)  # subsets with rows
-        passes = {s: 0 for s in active}
-        yielded = {s: 0 for s in active}  # in the current pass
-        iters = {s: self._subset_examples(s, 0, shard, num_shards) for s in active}
+        seqs = {s: _RowSequence(self, s, rank, world, infinite) for s in active}
 
-        def next_example(subset):
-            while True:
-                ex = next(iters[subset], None)
-                if ex is not None:
-                    yielded[subset] += 1
-                    return ex
-                if not infinite or yielded[subset] == 0:  # one pass done / nothing usable
-                    if infinite:
-                        log.warning("subset %s gives no usable rows on shard %d/%d: left out of the mix",
-                                    subset, shard, num_shards)
-                    return None
-                passes[subset] += 1
-                yielded[subset] = 0
-                iters[subset] = self._subset_examples(subset, passes[subset], shard, num_shards)
+        def draw() -> str:
+            return mix.choices(active, weights=[self.weights[s] for s in active])[0]
 
-        pending = []
+        def drop(subset: str) -> None:
+            active.remove(subset)
+            if infinite:
+                log.warning("subset %s gives no usable rows on rank %d/%d: left out of the mix", subset, rank, world)
+
+        batch, taken = [], {}
         while active:
-            subset = mix.choices(active, weights=[self.weights[s] for s in active])[0]
-            if self.homogeneous:
-                batch = []
-                while len(batch) < self.batch_size:
-                    ex = next_example(subset)
-                    if ex is None:
-                        active.remove(subset)
-                        break
-                    batch.append(ex)
-                if batch:
-                    yield ExampleBatch(batch, self._take_pending())
-                continue
-            ex = next_example(subset)
-            if ex is None:
-                active.remove(subset)
-                continue
-            pending.append(ex)
-            if len(pending) == self.batch_size:
-                yield ExampleBatch(pending, self._take_pending())
-                pending = []
-        if pending:
-            yield ExampleBatch(pending, self._take_pending())
+            subset = draw()
+            want = self.batch_size if self.homogeneous else 1
+            while want:
+                item = seqs[subset].take(taken.setdefault(subset, set()))
+                if item is None:
+                    drop(subset)
+                    break
+                taken[subset].add(item[0])
+                batch.append((subset, *item))
+                want -= 1
+            if batch and (len(batch) == self.batch_size or (self.homogeneous and want)):
+                yield batch
+                batch, taken = [], {}
+        if batch:
+            yield batch
         if infinite:
-            raise DataError(f"no usable training rows on shard {shard} of {num_shards} in {self.path!r} "
+            raise DataError(f"no usable training rows on rank {rank} of {world} in {self.path!r} "
                             f"(bad rows: {self.bad_rows})")
 
-    def _subset_examples(self, subset: str, pass_index: int, shard: int, num_shards: int) -> Iterator[dict]:
+    def _rank_rows(self, subset: str, pass_index, rank: int, world: int) -> Iterator[tuple[int, dict]]:
+        """This rank's usable rows of `subset` (global row index ``i % world == rank``, before the
+        cap) through a seeded shuffle buffer, as `_prepare`d examples; bad rows are reported."""
         cap = self.caps.get(subset)
 
         def own_rows():
@@ -330,32 +320,69 @@ class TrainStream(IterableDataset):
             for i, row in enumerate(iter_rows(ds)):
                 if cap is not None and i >= cap:
                     return
-                if i % num_shards == shard:
+                if i % world == rank:
                     yield i, row
 
-        rng = random.Random(f"{self.seed}|shuffle|{subset}|{self.epoch}|{pass_index}|{shard}")
+        rng = random.Random(f"{self.seed}|shuffle|{subset}|{self.epoch}|{pass_index}|{rank}")
         for i, row in shuffle_buffer(own_rows(), self.shuffle_buffer_size, rng):
-            ex = self._example(subset, i, row)
-            if ex is not None:
-                yield ex
+            try:
+                prepared = self._prepare(subset, i, row)
+            except _BadRow as bad:
+                self._bad_row(subset, i, bad)
+                continue
+            yield i, prepared
+
+    def _load(self, j: int, layout: list, rank: int, world: int) -> list[dict]:
+        """The examples of batch j with their images. A row whose image does not decode is
+        reported and replaced by a spare row of its subset (`_spare`), so batches stay full."""
+        out = []
+        for subset, i, prepared in layout:
+            try:
+                out.append(self._with_images(prepared))
+            except _BadRow as bad:
+                self._bad_row(subset, i, bad, met_here=True)  # raises under on_bad_row="raise"
+                exclude = {k for s, k, _ in layout if s == subset}
+                k, example = self._spare(subset, j, exclude, rank, world)
+                log.warning("batch %d: row %s:%d replaced by row %s:%d (its image does not decode)", j, subset, i,
+                            subset, k)
+                out.append(example)
+        return out
+
+    def _spare(self, subset: str, j: int, exclude: set, rank: int, world: int) -> tuple[int, dict]:
+        """A row of `subset` on this rank, not in `exclude`, whose images decode: the first of a
+        shuffle seeded by batch j (a function of the batch alone, so resume sees the same)."""
+        for k, prepared in self._rank_rows(subset, f"spare|{j}", rank, world):
+            if k in exclude:
+                continue
+            try:
+                return k, self._with_images(prepared)
+            except _BadRow:
+                continue
+        raise DataError(f"subset {subset!r} on rank {rank} of {world} has no row whose images decode")
 
     # ------------------------------------------------------------------ examples
-    def _example(self, subset: str, i: int, row: Mapping) -> dict | None:
-        try:
-            qry_text, qry_path = self._content(row["qry"], row["qry_image_path"], "query", self.image_root)
-            pos_text, pos_path = self._content(row["pos_text"], row["pos_image_path"], "document", self.image_root)
-            negs = []
-            for t, p in self._negatives(subset, i, row):
-                negs.append(self._content(t, p, "document", None))
-            docs = [self._instructed(subset, t, p) for t, p in [(pos_text, pos_path)] + negs]
-            images = [self._image(p) for p in [qry_path, pos_path] + [p for _, p in negs]]
-        except _BadRow as bad:
-            self._bad_row(subset, i, bad)
-            return None
-        keys = [doc_key(t, p) for t, p in zip(docs, [pos_path] + [p for _, p in negs])]
-        return {"subset": subset, "row_id": f"{subset}:{i}", "qry_text": qry_text, "qry_image": images[0],
-                "pos_text": docs[0], "pos_image": images[1], "neg_texts": docs[1:], "neg_images": images[2:],
-                "pos_key": keys[0], "neg_keys": keys[1:]}
+    def _prepare(self, subset: str, i: int, row: Mapping) -> dict:
+        """A row checked and laid out without decoding an image: texts as the model reads them,
+        full image paths (the files must exist), document keys. Raises `_BadRow`."""
+        qry_text, qry_path = self._content(row["qry"], row["qry_image_path"], "query", self.image_root)
+        pos_text, pos_path = self._content(row["pos_text"], row["pos_image_path"], "document", self.image_root)
+        pos_text = self._instructed(subset, pos_text, pos_path)
+        pos_key = doc_key(pos_text, pos_path)
+        negs = self._negatives(subset, i, row, (pos_text.strip(), pos_path))  # [(text, path, key)]
+        for p in [qry_path, pos_path] + [p for _, p, _ in negs]:
+            if p and not os.path.isfile(p):
+                raise _BadRow("missing image", "no such file", p)
+        return {"subset": subset, "row_id": f"{subset}:{i}", "qry_text": qry_text, "qry_path": qry_path,
+                "pos_text": pos_text, "pos_path": pos_path, "neg_texts": [t for t, _, _ in negs],
+                "neg_paths": [p for _, p, _ in negs], "pos_key": pos_key, "neg_keys": [k for _, _, k in negs]}
+
+    def _with_images(self, prepared: dict) -> dict:
+        """The training example of a prepared row: its images decoded and made processor-safe."""
+        images = [self._image(p) for p in [prepared["qry_path"], prepared["pos_path"], *prepared["neg_paths"]]]
+        return {"subset": prepared["subset"], "row_id": prepared["row_id"], "qry_text": prepared["qry_text"],
+                "qry_image": images[0], "pos_text": prepared["pos_text"], "pos_image": images[1],
+                "neg_texts": list(prepared["neg_texts"]), "neg_images": images[2:], "pos_key": prepared["pos_key"],
+                "neg_keys": list(prepared["neg_keys"])}
 
     def _content(self, text, path, role: str, root: str | None) -> tuple[str, str]:
         """(checked text, full image path or '')."""
@@ -374,30 +401,35 @@ class TrainStream(IterableDataset):
         instruction = target_instruction_for(self.instructions, subset, bool(path))
         return apply_target_instruction(text, bool(path), instruction)
 
-    def _negatives(self, subset: str, i: int, row: Mapping) -> list[tuple[str, str]]:
-        """`num_hardneg` negatives with full image paths: hard-negative source first, else the row's own."""
+    def _negatives(self, subset: str, i: int, row: Mapping, positive: tuple[str, str]) -> list[tuple[str, str, int]]:
+        """`num_hardneg` negatives ``(text as read, full image path, key)``: hard-negative source
+        first, else the row's own. Empty entries are passed over, and so is an entry that is the
+        positive itself once both are read as the model reads them (normalised text with its
+        target instruction, up to surrounding whitespace; the same image file)."""
         n = self.num_hardneg
         if n == 0:
             return []
         found = None
-        if self.hardneg_path is not None:
-            found = self._hardneg_index(subset).get(row)
-            root = self.hardneg_image_root
-        if found is None:
-            try:
+        try:
+            if self.hardneg_path is not None:
+                found = self._hardneg_index(subset).get(row)
+                root = self.hardneg_image_root
+            if found is None:
                 found = in_row_negatives(row, f"{subset} row {i}")
-            except DataError as e:
-                raise _BadRow("bad negative list", str(e)) from e
-            root = self.image_root
-        found = [(t, os.path.join(root, p) if p else "") for t, p in found]
-        positive = (row["pos_text"] or "", os.path.join(self.image_root, row["pos_image_path"])
-                    if row["pos_image_path"] else "")
-        chosen = select_negatives(found, n, positive)
-        if len(chosen) < n:
-            source = self.hardneg_path or "none (in-row neg_text/neg_image_path)"
-            raise _BadRow("missing negatives", f"needs {n} negative(s), found {len(chosen)} usable; hard-negative "
-                          f"source: {source}. Give data.hardneg.path or lower num_hardneg (0 = in-batch only)")
-        return chosen
+                root = self.image_root
+        except DataError as e:
+            raise _BadRow("bad negative list", str(e)) from e
+        chosen = []
+        for t, p in select_negatives(found, len(found)):
+            text, path = self._content(t, p, "document", root)
+            text = self._instructed(subset, text, path)
+            if (text.strip(), path) != positive:
+                chosen.append((text, path, doc_key(text, path)))
+            if len(chosen) == n:
+                return chosen
+        source = self.hardneg_path or "none (in-row neg_text/neg_image_path)"
+        raise _BadRow("missing negatives", f"needs {n} negative(s), found {len(chosen)} usable; hard-negative "
+                      f"source: {source}. Give data.hardneg.path or lower num_hardneg (0 = in-batch only)")
 
     def _hardneg_index(self, subset: str) -> HardNegativeIndex:
         if subset not in self._hardneg:
@@ -409,24 +441,23 @@ class TrainStream(IterableDataset):
             return None
         if not os.path.isfile(path):
             raise _BadRow("missing image", "no such file", path)
-        if self._skipping:  # fast-forward on resume: header check only, no decoding
-            try:
-                with Image.open(path) as im:
-                    im.size  # noqa: B018
-                return None
-            except Exception as e:
-                raise _BadRow("unreadable image", f"{type(e).__name__}: {e}", path) from e
         try:
             return make_processor_safe(load_image(path), self.image_patch, self.max_ratio)
         except Exception as e:  # decoders raise all sorts: OSError, ValueError, SyntaxError, ...
             raise _BadRow("unreadable image", f"{type(e).__name__}: {e}", path) from e
 
     # ------------------------------------------------------------------ bad rows
-    def _bad_row(self, subset: str, i: int, bad: _BadRow) -> None:
+    def _bad_row(self, subset: str, i: int, bad: _BadRow, met_here: bool = False) -> None:
+        """Raise (``on_bad_row="raise"``) or count and log a bad row. Every worker of a rank lays
+        out every batch, so a row found bad there is counted by one worker (``i % num_workers``);
+        an image that does not decode is found only by the worker that loads it (`met_here`)."""
         file = bad.file or row_file(self.path, subset, self.split, i)
         msg = f"bad row: subset {subset!r} row {i}: {bad.reason}: {bad.detail} (file: {file})"
         if self.on_bad_row == "raise":
             raise DataError(msg + ". Fix or remove the row, or set on_bad_row='skip' to skip and count bad rows.")
+        worker, num_workers = self._worker
+        if not met_here and i % num_workers != worker:
+            return
         if (subset, i) in self._bad_seen:  # a later pass over the same row: counted once
             return
         self._bad_seen.add((subset, i))
@@ -441,3 +472,52 @@ class TrainStream(IterableDataset):
         out = {s: dict(c) for s, c in self._pending_bad.items() if c}
         self._pending_bad = {}
         return out
+
+
+class _RowSequence:
+    """One subset's usable rows on one rank, in stream order: pass after pass, each reshuffled
+    (``infinite``), or one pass. `take` hands out the next row that is not already in the batch
+    being filled: a batch that straddles two passes would otherwise hold a row twice (the same
+    query and positive, each the other's false negative). Rows passed over wait, in order, for
+    the next batch. Only a subset with fewer usable rows on the rank than a batch asks for must
+    repeat rows within a batch (a warning says so)."""
+
+    def __init__(self, stream: TrainStream, subset: str, rank: int, world: int, infinite: bool):
+        self.stream, self.subset, self.rank, self.world, self.infinite = stream, subset, rank, world, infinite
+        self.pass_index, self.in_pass, self.pass_size = 0, 0, None
+        self.rows = stream._rank_rows(subset, 0, rank, world)
+        self.waiting: list[tuple[int, dict]] = []
+        self.warned = False
+
+    def _next(self) -> tuple[int, dict] | None:
+        while True:
+            item = next(self.rows, None)
+            if item is not None:
+                self.in_pass += 1
+                return item
+            if self.pass_size is None:
+                self.pass_size = self.in_pass
+            if not self.infinite or self.in_pass == 0:  # one pass done / nothing usable
+                return None
+            self.pass_index += 1
+            self.in_pass = 0
+            self.rows = self.stream._rank_rows(self.subset, self.pass_index, self.rank, self.world)
+
+    def take(self, in_batch: set[int]) -> tuple[int, dict] | None:
+        """The next row ``(index, prepared example)`` whose index is not in `in_batch`; None when
+        the subset has no more rows (one pass) or none at all."""
+        for k, item in enumerate(self.waiting):
+            if item[0] not in in_batch:
+                return self.waiting.pop(k)
+        while True:
+            item = self._next()
+            if item is None or item[0] not in in_batch:
+                return item
+            if self.pass_size is not None and len(in_batch) >= self.pass_size:  # every row is in the batch
+                if not self.warned:
+                    self.warned = True
+                    log.warning("subset %s has %d usable rows on rank %d of %d, fewer than a batch needs: its "
+                                "batches repeat rows (each copy is the other's false negative; see "
+                                "loss.mask_false_negatives)", self.subset, self.pass_size, self.rank, self.world)
+                return item
+            self.waiting.append(item)
