@@ -89,3 +89,53 @@ def test_atomic_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_deepspeed_checkpoint_survives_a_failed_save(tmp_path):
+    """DeepSpeed writes checkpoint folders itself (no CheckpointIO): each save goes to a new tag
+    and `latest` moves to it only when it is complete, so a save killed half-way leaves the
+    previous checkpoint loadable; a completed save removes the older tags. The engine here
+    stands in for DeepSpeed's writer (a real DeepSpeed resume: tests/test_sharding.py); loading
+    follows `latest` as DeepSpeed does."""
+    from rematch_pl.build import atomic_deepspeed_strategy
+
+    class Engine:
+        fail = False
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+            assert save_latest is False and exclude_frozen_parameters is True
+            (Path(save_dir) / tag).mkdir(parents=True)
+            torch.save(client_state, Path(save_dir) / tag / "state.pt")
+            if self.fail:
+                (Path(save_dir) / tag / "optim.pt").write_bytes(b"partial")
+                raise KeyboardInterrupt("killed while saving")
+
+    class OneProcess(atomic_deepspeed_strategy()):
+        is_global_zero = True
+        deepspeed_engine = None
+
+        def __init__(self):
+            self.deepspeed_engine, self.exclude_frozen_parameters = Engine(), True
+
+        def broadcast(self, obj, src=0):
+            return obj
+
+        def barrier(self, name=None):
+            pass
+
+    def load(folder):
+        tag = (folder / "latest").read_text()
+        return torch.load(folder / tag / "state.pt", weights_only=True)
+
+    s, folder = OneProcess(), tmp_path / "last.ckpt"
+    s.save_checkpoint({"global_step": 1, "state_dict": {}}, folder)
+    assert load(folder) == {"global_step": 1}
+    s.deepspeed_engine.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        s.save_checkpoint({"global_step": 2}, folder)
+    assert load(folder) == {"global_step": 1}  # the half-written tag is not named
+    s.deepspeed_engine.fail = False
+    s.save_checkpoint({"global_step": 3}, folder)
+    assert load(folder) == {"global_step": 3}
+    tag = os.readlink(folder / "checkpoint")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["latest", "checkpoint", tag])

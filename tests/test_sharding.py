@@ -2,6 +2,7 @@
 through Lightning's ModelParallelStrategy) and DeepSpeed ZeRO-2/3 train exactly as DDP does, with and
 without GradCache, save the same trainable weights from all ranks, and resume."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,10 @@ def test_deepspeed_zero3_gradcache_resumes(runs, tmp_path):
     """ZeRO-3 + GradCache, 2 steps then resume=auto from DeepSpeed's checkpoint directory: DDP's curve."""
     run = tmp_path / "run"
     train_deepspeed(run, *COMMON, *DEEPSPEED["zero3_gc"], "trainer.max_steps=2")
-    assert (run / "checkpoints" / "last.ckpt").is_dir()  # DeepSpeed's own layout, frozen base excluded
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir()  # DeepSpeed's own layout, frozen base excluded
+    tags = [p.name for p in last.iterdir() if p.is_dir() and not p.is_symlink()]  # one complete tag, linked
+    assert tags == [os.readlink(last / "checkpoint")] and tags[0].startswith("step2-")
     train_deepspeed(run, *COMMON, *DEEPSPEED["zero3_gc"], "resume=auto")
     ref, got = _curve(runs["ddp"]), _curve(run)
     assert sorted(got) == [0, 1, 2, 3]

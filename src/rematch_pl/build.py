@@ -160,9 +160,7 @@ def build_strategy(cfg: DictConfig):
         except ImportError as e:
             raise RuntimeError(f"strategy={s.name} needs DeepSpeed: pip install 'rematch_pl[deepspeed]' "
                                f"(on a CUDA machine). Cause: {e}") from e
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        ds = DeepSpeedStrategy(stage=s.stage, offload_optimizer=s.offload_optimizer,
+        ds = atomic_deepspeed_strategy()(stage=s.stage, offload_optimizer=s.offload_optimizer,
                                offload_parameters=s.offload_parameters, overlap_comm=s.overlap_comm,
                                allgather_bucket_size=s.bucket_size, reduce_bucket_size=s.bucket_size,
                                exclude_frozen_parameters=True,
@@ -179,6 +177,67 @@ def build_strategy(cfg: DictConfig):
             ds.config["managed_gradient_accumulation"] = False
         return ds
     return s.name
+
+
+def atomic_deepspeed_strategy():
+    """Lightning's DeepSpeedStrategy whose checkpoints a kill never corrupts.
+
+    DeepSpeed writes a checkpoint folder in place (Lightning's `CheckpointIO` plugins are not
+    used), under one fixed tag ``checkpoint``, so a kill while saving would leave a half-written
+    `last.ckpt`. Here each save writes a new tag beside the old one; then rank 0 makes
+    ``checkpoint`` a symbolic link to it (a link renamed over the old one: atomic) and only then
+    removes the older tag. Until the new tag is complete and linked, loading reads the old one;
+    Lightning and DeepSpeed (``latest`` = ``checkpoint``) read the folder as before.
+    """
+    import uuid
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+        _saves = 0
+        _launch = None
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+            if storage_options is not None:
+                raise TypeError("DeepSpeed checkpoints take no storage_options")
+            filepath = Path(self.broadcast(str(filepath)))
+            if self._launch is None:  # tags of this launch never meet those of an earlier one
+                self._launch = self.broadcast(uuid.uuid4().hex[:8])
+            self._saves += 1
+            tag = f"step{int(checkpoint.get('global_step', 0))}-{self._launch}-{self._saves}"
+            client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+            self.deepspeed_engine.save_checkpoint(str(filepath), client_state=client, tag=tag, save_latest=False,
+                                                  exclude_frozen_parameters=self.exclude_frozen_parameters)
+            self.barrier()
+            if self.is_global_zero:
+                commit_deepspeed_tag(filepath, tag)
+            self.barrier()
+
+    return AtomicDeepSpeedStrategy
+
+
+def commit_deepspeed_tag(folder: Path, tag: str) -> None:
+    """Link ``folder/checkpoint`` to the complete tag `tag` (atomically), then remove other tags."""
+    import shutil
+
+    link = folder / "checkpoint"
+    if link.is_dir() and not link.is_symlink():  # a folder written by DeepSpeed itself (earlier code)
+        os.replace(link, folder / f"checkpoint-before-{tag}")
+    tmp = folder / f".checkpoint.tmp{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(tag, tmp)  # relative: the folder may move
+    os.replace(tmp, link)
+    latest = folder / "latest"
+    if not latest.exists() or latest.read_text() != "checkpoint":
+        tmp = folder / f".latest.tmp{os.getpid()}"
+        tmp.write_text("checkpoint")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, latest)
+    for old in folder.iterdir():
+        if old.is_dir() and not old.is_symlink() and old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
