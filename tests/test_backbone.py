@@ -71,6 +71,30 @@ def test_forward_backward_and_adapter_roundtrip(kind, tmp_path):
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
+def test_load_trainable_requires_the_rematch_modules_the_model_has(tmp_path):
+    """A model with learnable tokens / a projector needs rematch_modules.safetensors (else they would
+    keep their fresh initialisation) and every one of its modules in it; a model without any
+    (K = 0, no matching head) needs no such file."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = ReMatchModel(make_backbone("qwen2vl"), k=4, matching="all")
+    save_trainable(model, tmp_path / "a")
+    modules = tmp_path / "a" / "rematch_modules.safetensors"
+    state = load_file(str(modules))
+    assert any(k.startswith("fusion.") for k in state) and any(k.startswith("matching.") for k in state)
+    save_file({k: v for k, v in state.items() if not k.startswith("matching.")}, str(modules))
+    with pytest.raises(ValueError, match=r"matching\.(.|\n)*not in"):
+        load_trainable(model, tmp_path / "a")
+    modules.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"rematch_modules\.safetensors(.|\n)*{tmp_path / 'a'}"):
+        load_trainable(model, tmp_path / "a")
+    bare = ReMatchModel(make_backbone("qwen2vl"), k=0, matching="none")
+    save_trainable(bare, tmp_path / "b")
+    (tmp_path / "b" / "rematch_modules.safetensors").unlink()
+    load_trainable(bare, tmp_path / "b")  # nothing of its own to restore
+
+
 def test_truncation_never_cuts_image_tokens(backbones):
     pr = backbones["qwen2vl"].processor
     from PIL import Image

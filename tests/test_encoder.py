@@ -41,6 +41,21 @@ def test_lora_merged_at_load_has_its_own_cache_fingerprint():
         assert fingerprint(spec, "bf16", merge_lora=True) == fingerprint(spec, "bf16", merge_lora=False)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_cache_fingerprint_covers_the_eval_time_settings():
+    """eval.max_length truncates differently from the checkpoint's max_length and eval.compile runs
+    other kernels: each has its own cache key; the checkpoint's own value keeps the key it had."""
+    from rematch_pl.encoder import ModelSpec, fingerprint
+
+    spec = ModelSpec(backbone={"path": "tiny://qwen2vl", "lora": {"enabled": False}}, max_length=1024)
+    plain = fingerprint(spec, "fp32")
+    assert fingerprint(spec, "fp32", max_length=1024) == fingerprint(spec, "fp32", max_length=None) == plain
+    assert fingerprint(spec, "fp32", max_length=12) != plain
+    assert fingerprint(spec, "fp32", compile=True) != plain
+    assert fingerprint(spec, "fp32", compile=False) == plain
+
+
 def test_encode_and_score(tmp_path_factory):
     import json
 

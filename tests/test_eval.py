@@ -215,6 +215,30 @@ def test_separate_lora_branch_scores_as_the_merged_default(reference, run_dir, c
     assert metrics_only(sep)["mmeb"] == metrics_only(res)["mmeb"]
 
 
+def test_max_length_override_is_not_served_from_the_cache(run_dir, tmp_path):
+    """eval.max_length truncates the items differently: a cache filled at the checkpoint's max_length
+    is not read, and the run scores as the same run without a cache."""
+    kw = (f"ckpt={run_dir}", "eval.subsets=[Syn_I2T,Syn_VQA]", "eval.mmeb.max_queries=8")
+    first = run(eval_cfg(*kw, cache_dir=tmp_path / "c"), tmp_path / "default")
+    short = run(eval_cfg(*kw, "eval.max_length=12", cache_dir=tmp_path / "c"), tmp_path / "short")
+    assert short["model"]["fingerprint"] != first["model"]["fingerprint"]
+    assert short["cache"]["encoded"] == short["cache"]["unique"] > 0  # nothing from the other length's entries
+    uncached = run(eval_cfg(*kw, "eval.max_length=12", "eval.cache=false"), tmp_path / "uncached")
+    assert metrics_only(short) == metrics_only(uncached) != metrics_only(first)
+    again = run(eval_cfg(*kw, "eval.max_length=12", cache_dir=tmp_path / "c"), tmp_path / "again")
+    assert again["cache"]["encoded"] == 0 and metrics_only(again) == metrics_only(short)
+
+
+def test_subset_names_that_pass_the_check_are_the_ones_run(tmp_path):
+    """eval.subsets names zero-shot sets as loosely as MMEB subsets (case and punctuation aside):
+    every name the check accepts runs."""
+    from rematch_pl.eval import _check_subset_names, zeroshot_sets
+
+    cfg = eval_cfg("eval=zeroshot", "eval.subsets=[Flickr-30K,Urban_1K,coco]", f"paths.data_dir={tmp_path}")
+    _check_subset_names(cfg, [])
+    assert sorted(zeroshot_sets(cfg)) == ["coco", "flickr30k", "urban1k"]
+
+
 def test_base_backbone_without_checkpoint(tmp_path):
     res = run(eval_cfg("eval.subsets=[Syn_CLS]", "eval.mmeb.max_queries=8", cache_dir=tmp_path / "c"), tmp_path)
     assert res["model"]["kind"] == "base" and res["model"]["ckpt"] is None

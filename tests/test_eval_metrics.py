@@ -9,17 +9,33 @@ import torch.nn.functional as F
 from rematch_pl.evaluation import evaluate_subset, pool_ranks, positive_rank, retrieval_metrics
 from rematch_pl.evaluation.cache import EmbeddingCache, image_identity, item_key
 from rematch_pl.evaluation.engine import make_batches
-from rematch_pl.evaluation.metrics import candidate_scores, pad_candidates, recall_from_ranks
+from rematch_pl.evaluation.metrics import (NO_RANK, candidate_scores, metrics_from_ranks, pad_candidates,
+                                           recall_from_ranks)
 from rematch_pl.evaluation.tables import MMEB_SUBSETS, markdown, subset_info, table1, table2
 
 
 # ---------------------------------------------------------------- strict ranks
 def test_ties_and_nans_never_count_for_the_positive():
     s = torch.tensor([[0.5, 0.5, 0.1], [0.9, 0.1, 0.2], [float("nan"), 0.1, 0.2], [0.3, float("nan"), 0.1]])
-    assert positive_rank(s).tolist() == [1, 0, 2, 1]
+    assert positive_rank(s).tolist() == [1, 0, NO_RANK, 1]  # a NaN positive: a miss at every k
     equal = torch.ones(7, 12)  # a collapsed model: every score equal
     m = retrieval_metrics(equal)
     assert m["hit@1"] == 0.0 and m["hit@5"] == 0.0  # upstream's argmax would give 100%
+
+
+def test_a_nan_positive_is_never_a_hit():
+    """A NaN positive is a miss at every k and adds nothing to MRR, with competitors or without
+    (alone in its list, or beside a copy of itself only), in candidate lists and in pools."""
+    nan = float("nan")
+    for s, v in ((torch.tensor([[nan]]), None), (torch.tensor([[nan, 0.3]]), torch.tensor([[True, False]])),
+                 (torch.tensor([[nan, 0.1, 0.2]]), None)):
+        m = metrics_from_ranks(positive_rank(s, v), ks=(1, 5, 100))
+        assert m == {"hit@1": 0.0, "hit@5": 0.0, "hit@100": 0.0, "mrr": 0.0}, (s, v)
+    q = torch.tensor([[nan, 0.0], [1.0, 0.0]])
+    pool = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for kw in ({"backend": "torch"}, {"backend": "faiss", "max_k": 10}):
+        r = pool_ranks(q, pool, [[0, 1], [0]], **kw)  # query 0: NaN scores, every pool entry its positive
+        assert recall_from_ranks(r, ks=(1, 5, 10)) == {"R@1": 50.0, "R@5": 50.0, "R@10": 50.0}, kw
 
 
 def test_duplicate_positive_and_ragged_lists():
@@ -94,6 +110,32 @@ def test_faiss_missing_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
     with pytest.raises(ImportError, match="eval.scoring=faiss needs the optional `faiss` package"):
         pool_ranks(torch.randn(2, 4), torch.randn(5, 4), [[0], [1]], backend="faiss")
+
+
+class _TableEngine:
+    """An engine stand-in: each request's embedding looked up by its image file, else by its caption."""
+
+    def __init__(self, vectors: dict):
+        self.vectors, self.stats = vectors, {"encoded": 0}
+
+    def encode(self, requests, desc=""):
+        return torch.tensor([self.vectors[r.image or r.text.split(": ")[-1]] for r in requests])
+
+
+def test_identical_caption_texts_are_one_item_in_the_zero_shot_pools():
+    """A caption of another image with the very text of one of an image's own captions has the same
+    embedding: it is a positive of that image (not a tie that makes a miss), and in text->image its
+    query has both images as positives."""
+    from rematch_pl.evaluation.suites import eval_retrieval
+    from rematch_pl.zeroshot import RetrievalSet
+
+    rs = RetrievalSet("s", ["a.png", "b.png", "c.png"], ["a cat", "a red cat", "a cat", "a dog"], [0, 0, 1, 2])
+    assert rs.positives() == ([[0, 1], [0], [0, 1], [2]], [[0, 1, 2], [0, 2], [3]])
+    engine = _TableEngine({"a.png": [1.0, 0.5, 0, 0], "b.png": [1.0, 0, 0, 0.1], "c.png": [0, 0, 1.0, 0],
+                           "a cat": [1.0, 0, 0, 0], "a red cat": [0, 1.0, 0, 0], "a dog": [0, 0, 1.0, 0]})
+    r = eval_retrieval(engine, rs)
+    assert r["i2t"]["R@1"] == 100.0 and r["t2i"]["R@1"] == 100.0  # strict ties between equal texts: 33.3 / 75
+    assert r["chance@1"] == {"t2i": pytest.approx(100 * 6 / 4 / 3), "i2t": pytest.approx(100 * 6 / 3 / 4)}
 
 
 # ---------------------------------------------------------------- cache

@@ -139,3 +139,72 @@ def test_base_weights_moved_since_training_are_found_through_backbone_path(run_d
     r_moved = run(eval_cfg(f"ckpt={moved}", f"eval.backbone_path={base}", *kw, cache_dir=tmp_path / "c1"), tmp_path / "e1")
     r_ref = run(eval_cfg(f"ckpt={run_dir}", *kw, cache_dir=tmp_path / "c2"), tmp_path / "e2")
     assert r_moved["mmeb"]["Syn_CLS"]["hit@1"] == r_ref["mmeb"]["Syn_CLS"]["hit@1"]
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir, tmp_path_factory):
+    """The run exported unmerged and merged."""
+    from rematch_pl.export import export
+
+    root = tmp_path_factory.mktemp("exports")
+    return {m: export(str(run_dir), str(root / ("merged" if m else "unmerged")), merge=m) for m in (False, True)}
+
+
+def test_backbone_path_relocates_an_unmerged_export_and_is_refused_for_a_merged_one(exports, tmp_path):
+    """A merged export's model/ holds the trained weights: a backbone_path would replace them with the
+    base model, so it is an error; an unmerged export's model/ is the base model, which may move."""
+    import shutil
+
+    from rematch_pl import Encoder
+    from rematch_pl.encoder import read_spec
+    from rematch_pl.export import export
+
+    texts = ["two red circles"]
+    with pytest.raises(ValueError, match=r"merged export(.|\n)*backbone_path"):
+        read_spec(exports[True], "tiny://qwen2vl")
+    with pytest.raises(ValueError, match="merged export"):
+        Encoder.from_pretrained(exports[True], device="cpu", backbone_path="tiny://qwen2vl")
+    with pytest.raises(ValueError, match="merged export"):
+        export(str(exports[True]), str(tmp_path / "again"), backbone_path="tiny://qwen2vl")
+    moved = tmp_path / "base_elsewhere"
+    shutil.copytree(exports[False] / "model", moved)
+    assert read_spec(exports[False], str(moved)).backbone["path"] == str(moved)
+    ref = Encoder.from_pretrained(exports[False], device="cpu").encode(texts=texts)
+    got = Encoder.from_pretrained(exports[False], device="cpu", backbone_path=str(moved)).encode(texts=texts)
+    assert torch.equal(ref, got)
+
+
+def test_missing_rematch_modules_is_an_error(run_dir, exports, tmp_path):
+    """Without rematch_modules.safetensors the learnable tokens, projector and markers would keep
+    their fresh initialisation: loading, exporting and evaluating stop, naming the file and folder."""
+    import shutil
+
+    from rematch_pl import Encoder
+    from rematch_pl.eval import run
+    from rematch_pl.export import export
+
+    from safetensors import safe_open
+
+    from rematch_pl.encoder import model_modules, read_spec
+
+    with safe_open(str(run_dir / "adapter" / "rematch_modules.safetensors"), framework="pt") as f:
+        saved = list(f.keys())
+    expected = model_modules(read_spec(run_dir))  # what export checks for, from the config alone
+    assert expected and all(any(k.startswith(m) for m in expected) for k in saved)
+    assert all(any(k.startswith(m) for k in saved) for m in expected)
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir / "adapter", run_copy / "adapter")
+    (run_copy / "adapter" / "rematch_modules.safetensors").unlink()
+    exp = tmp_path / "export"
+    shutil.copytree(exports[False], exp)
+    (exp / "rematch_modules.safetensors").unlink()
+    for src, folder in ((run_copy, run_copy / "adapter"), (run_copy / "adapter", run_copy / "adapter"), (exp, exp)):
+        with pytest.raises(FileNotFoundError, match=rf"rematch_modules\.safetensors(.|\n)*{re.escape(str(folder))}"):
+            Encoder.from_pretrained(src, device="cpu")
+    for merge in (False, True):
+        with pytest.raises(FileNotFoundError, match=r"rematch_modules\.safetensors"):
+            export(str(run_copy), str(tmp_path / f"out_{merge}"), merge=merge)
+        assert not (tmp_path / f"out_{merge}").exists()
+    with pytest.raises(FileNotFoundError, match=r"rematch_modules\.safetensors"):
+        run(eval_cfg(f"ckpt={exp}", "eval.subsets=[Syn_CLS]", "eval.mmeb.max_queries=4", "eval.cache=false"),
+            tmp_path / "ev")

@@ -73,3 +73,29 @@ def test_bad_data_fails_with_the_reason(fixture_root, tmp_path):
         load_set("flickr8k", kw["path"])
     with pytest.raises(ZeroShotDataError, match="not a retrieval layout"):
         load_set("coco", synthetic_paths(fixture_root)["sugarcrepe"]["path"], layout="sugarcrepe")
+
+
+def test_a_missing_sugarcrepe_part_is_an_error_unless_left_out(fixture_root, tmp_path):
+    """The Replace / Swap / Add columns average their parts: a missing part file stops the run, naming
+    it; `parts` (eval.zeroshot.sets.sugarcrepe.parts) runs a chosen subset on purpose."""
+    import shutil
+
+    kw = synthetic_paths(fixture_root)["sugarcrepe"]
+    data = tmp_path / "sugarcrepe"
+    shutil.copytree(kw["path"], data, ignore=shutil.ignore_patterns("*.png"))
+    (data / "swap_att.json").unlink()
+    (data / "add_obj.json").unlink()
+    with pytest.raises(ZeroShotDataError, match=r"missing SugarCrepe part\(s\).*swap_att\.json.*add_obj\.json"):
+        load_set("sugarcrepe", str(data), kw["image_root"])
+    parts = ["replace_obj", "replace_att", "replace_rel", "swap_obj", "add_att"]
+    assert [c.name for c in load_set("sugarcrepe", str(data), kw["image_root"], parts=parts)] == parts
+    with pytest.raises(ZeroShotDataError, match="unknown SugarCrepe part"):
+        load_set("sugarcrepe", str(data), kw["image_root"], parts=["replace_obj", "swap_everything"])
+    with pytest.raises(ZeroShotDataError, match="only for sugarcrepe"):
+        load_set("coco", **dict(synthetic_paths(fixture_root)["coco"], parts=["replace_obj"]))
+    # the MMEB-eval layout: the same rule for its SugarCrepe_<part> subsets
+    mm = to_mmeb_layout({"sugarcrepe": load_set("sugarcrepe", str(data), kw["image_root"], parts=parts)},
+                        tmp_path / "mm")
+    with pytest.raises(ZeroShotDataError, match=r"missing SugarCrepe part\(s\).*SugarCrepe_swap_att"):
+        load_set("sugarcrepe", str(mm), kw["image_root"], layout="mmeb")
+    assert len(load_set("sugarcrepe", str(mm), kw["image_root"], layout="mmeb", parts=parts)) == 5

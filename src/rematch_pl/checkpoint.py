@@ -59,9 +59,29 @@ def save_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict | Non
     return out
 
 
+MODULES_FILE = "rematch_modules.safetensors"
+
+
+def missing_modules_error(folder: str | Path, modules: list[str]) -> FileNotFoundError:
+    """The error for a checkpoint folder without `MODULES_FILE` although its model has ReMatch modules."""
+    shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+    return FileNotFoundError(
+        f"{MODULES_FILE} is missing from {folder}: it holds this model's trained ReMatch modules ({shown}: "
+        f"learnable tokens, projector, <feat_start>/<feat_end> markers), which would otherwise keep their fresh "
+        f"initialisation. Copy it back from the run's adapter/ folder (training writes it next to meta.json), "
+        f"or export the run again")
+
+
 def load_trainable(model: torch.nn.Module, in_dir: str | Path) -> None:
-    """Restore what `save_trainable` wrote into a model built with the same configuration."""
+    """Restore what `save_trainable` wrote into a model built with the same configuration.
+
+    Every ReMatch module of `model` (its parameters outside the backbone: learnable tokens,
+    projector, markers) must be in ``rematch_modules.safetensors``; a missing file or entry is an
+    error, never a module left at its fresh initialisation."""
     src = Path(in_dir)
+    own = [n for n, _ in model.named_parameters() if not n.startswith("backbone.")]
+    if own and not (src / MODULES_FILE).is_file():
+        raise missing_modules_error(src, own)
     state = {}
     if (src / "adapter").exists():
         from peft import set_peft_model_state_dict
@@ -71,10 +91,14 @@ def load_trainable(model: torch.nn.Module, in_dir: str | Path) -> None:
         res = set_peft_model_state_dict(model.backbone.model, adapter)
         if getattr(res, "unexpected_keys", None):
             raise ValueError(f"adapter in {src} does not fit this backbone: {res.unexpected_keys[:5]}")
-    for name in ("rematch_modules.safetensors", "backbone_trainable.safetensors"):
+    for name in (MODULES_FILE, "backbone_trainable.safetensors"):
         if (src / name).exists():
             state.update(load_file(str(src / name)))
     missing = [k for k in state if k not in model.state_dict()]
     if missing:
         raise ValueError(f"{src}: weights {missing[:5]} do not exist in this model (different fusion/matching config?)")
+    absent = [n for n in own if n not in state]
+    if absent:
+        raise ValueError(f"{src / MODULES_FILE}: this model's modules {absent[:5]} are not in it (written by a "
+                         f"model with another fusion/matching config?)")
     model.load_state_dict(state, strict=False)

@@ -18,8 +18,17 @@ Where a model comes from (`read_spec`):
 * nothing: the **base backbone** built from a config (`spec_from_config` with no weights): the
   model training starts from (LoRA B = 0, freshly initialised learnable tokens).
 
-Loading is safe: weights come from safetensors files only, configs from JSON, no code is run
-from a checkpoint (``trust_remote_code=False`` everywhere).
+A model with learnable tokens (K > 0) or a matching head with a projector needs its
+``rematch_modules.safetensors``: a checkpoint without it is an error (`checkpoint.load_trainable`),
+never a model with freshly initialised modules. ``backbone_path`` points a checkpoint at base
+weights that moved since it was written; a *merged* export refuses it (its ``model/`` holds the
+trained weights, which the base would silently replace).
+
+Loading runs no code from a checkpoint: configs come from JSON, ``trust_remote_code=False``
+everywhere, and weights from safetensors files, which is all that `rematch_pl` writes. A folder
+written by other tools may hold pickled weights only (a PEFT ``adapter_model.bin``, a base model's
+``pytorch_model.bin``): PEFT and transformers then read them with ``torch.load(weights_only=True)``,
+which restores tensors and plain containers and runs no pickled code.
 """
 
 from __future__ import annotations
@@ -105,6 +114,12 @@ def read_spec(path: str | os.PathLike, backbone_path: str | None = None) -> Mode
         if c.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{p / EXPORT_CONFIG}: unknown format {c.get('format')!r} (expected {EXPORT_FORMAT})")
         b = dict(c["backbone"], path=str(p / c.get("model_dir", "model")), revision=None)
+        if c.get("merged") and backbone_path:
+            raise ValueError(
+                f"backbone_path={backbone_path!r} given for {p}, a merged export: its {c.get('model_dir', 'model')}/ "
+                f"holds the trained weights (base + LoRA merged), which another base model would replace. "
+                f"Drop backbone_path (a merged export needs no base model), or export the run unmerged "
+                f"(merge=false) to relocate its base weights")
         if c.get("merged"):
             b["lora"] = dict(b.get("lora") or {}, enabled=False)
         tc = _read_json(p / "training_config.json") if (p / "training_config.json").is_file() else None
@@ -116,8 +131,9 @@ def read_spec(path: str | os.PathLike, backbone_path: str | None = None) -> Mode
     else:
         if (p / "adapter" / "meta.json").is_file():
             wdir, kind = p / "adapter", "run"
-        elif (p / "meta.json").is_file() and (p / "rematch_modules.safetensors").is_file():
-            wdir, kind = p, "adapter"
+        elif (p / "meta.json").is_file() and any((p / n).exists() for n in (
+                "rematch_modules.safetensors", "adapter", "backbone_trainable.safetensors")):
+            wdir, kind = p, "adapter"  # a missing rematch_modules.safetensors: load_trainable names it
         else:
             raise FileNotFoundError(
                 f"ckpt={path}: neither a run directory (adapter/meta.json), an adapter folder (meta.json + "
@@ -147,6 +163,19 @@ def resolve_dtype(dtype: str | None, spec: ModelSpec, device: torch.device) -> s
 def lora_pending(spec: ModelSpec) -> bool:
     """The model has LoRA factors beside its base weights (trained with LoRA, not a merged export)."""
     return bool((spec.backbone.get("lora") or {}).get("enabled", False)) and not spec.merged
+
+
+def model_modules(spec: ModelSpec) -> list[str]:
+    """The ReMatch modules (outside the backbone) of the model `spec` describes, which its
+    ``rematch_modules.safetensors`` must hold: the learnable tokens (K > 0) and, with matching views
+    that read the fused features, the projector and the <feat_start>/<feat_end> markers."""
+    from .matching import VIEW_SETS
+
+    out = ["fusion.tokens"] if spec.k > 0 else []
+    qs, ds = VIEW_SETS.get(spec.matching, ((), ()))
+    if "feat" in (*qs, *ds):
+        out += ["matching.projector", "matching.markers"]
+    return out
 
 
 def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype: str | None = None,
@@ -187,16 +216,33 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, dtype:
     return model.to(dev, DTYPES[dt])
 
 
-def fingerprint(spec: ModelSpec, dtype: str, merge_lora: bool = False) -> str:
-    """Cache fingerprint of a loaded model (see `evaluation.cache`); a LoRA merged at load time
-    rounds differently from the separate branch, so it is part of the key."""
+def fingerprint_settings(spec: ModelSpec, dtype: str, merge_lora: bool = False, max_length: int | None = None,
+                         compile: bool = False) -> dict:
+    """The settings part of the cache fingerprint: the spec's, with the eval-time ones that change an
+    embedding. `max_length`: the truncation length used (eval.max_length; None: the spec's own, the
+    same key). A LoRA merged at load time (`merge_lora`) and compiled kernels (`compile`) round
+    differently from the separate branch and from eager kernels, so each is part of the key (only
+    when on: the key of the plain model stays as it was)."""
+    settings = dict(spec.settings(), compute_dtype=dtype, base=spec.backbone["path"])
+    if max_length is not None:
+        settings["max_length"] = max_length
+    if merge_lora and lora_pending(spec):
+        settings["lora_merged_at_load"] = True
+    if compile:
+        settings["compiled"] = True
+    return settings
+
+
+def fingerprint(spec: ModelSpec, dtype: str, merge_lora: bool = False, max_length: int | None = None,
+                compile: bool = False) -> str:
+    """Cache fingerprint of a loaded model (see `evaluation.cache`): its files and
+    `fingerprint_settings`. Batch composition (eval.batch_size, eval.max_tokens) is not part of it:
+    the batch an item is padded into moves its embedding by float rounding only."""
     from .backbone.model import resolve_path
     from .evaluation.cache import model_fingerprint
 
     base = resolve_path(spec.backbone["path"])
-    settings = dict(spec.settings(), compute_dtype=dtype, base=spec.backbone["path"])
-    if merge_lora and lora_pending(spec):
-        settings["lora_merged_at_load"] = True
+    settings = fingerprint_settings(spec, dtype, merge_lora, max_length, compile)
     return model_fingerprint(settings, [base], [spec.weights_dir] if spec.weights_dir else [])
 
 
@@ -251,6 +297,8 @@ class Encoder:
                         compile: bool = False) -> "Encoder":
         """A run directory, its adapter folder or an exported folder; ``path=None`` with `base_config`
         (a mapping with backbone/fusion/matching/embedding groups) gives the base backbone.
+        `backbone_path`: where the base weights are now, when they moved since the checkpoint was
+        written (refused for a merged export: its weights are the trained ones).
         `merge_lora`: fold a LoRA adapter into the base weights at load (faster; see `load_model`).
         `compile`: `torch.compile` the decoder layers and vision blocks (as `eval.compile=true`)."""
         if path is None:

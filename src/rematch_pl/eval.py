@@ -9,8 +9,9 @@ The output directory (``hydra.run.dir``, default ``outputs/eval/<time>``) receiv
     table2.md, table2.json    Table 2 layout: Flickr30K, COCO, ShareGPT4V, Urban1K (t->i, i->t R@1), SugarCrepe
     results.json              everything above + model, cache and timing information
 
-Embeddings are cached by model fingerprint and item under ``eval.cache_dir``: a second run encodes
-nothing, an interrupted run resumes. See `rematch_pl.evaluation` for the pieces.
+Embeddings are cached by model fingerprint (weights and every setting that changes an embedding,
+``eval.max_length`` included) and item under ``eval.cache_dir``: a second run encodes nothing, an
+interrupted run resumes. See `rematch_pl.evaluation` for the pieces.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def mmeb_subsets(cfg: DictConfig) -> tuple[str, str, list[str], list[str]]:
 
 def zeroshot_sets(cfg: DictConfig) -> dict[str, dict]:
     """{set: loader kwargs} of the zero-shot sets to run."""
+    from .evaluation.tables import norm
     from .zeroshot import SETS, synthetic_paths, write_synthetic_zeroshot
 
     z = cfg.eval.zeroshot
@@ -126,8 +128,8 @@ def zeroshot_sets(cfg: DictConfig) -> dict[str, dict]:
                 s["image_root"] = str(Path(z.root) / s["image_root"])
             sets[name] = s
     wanted = cfg.eval.subsets
-    if wanted is not None:
-        sets = {k: v for k, v in sets.items() if k in {str(w).lower() for w in wanted}}
+    if wanted is not None:  # names compare as in _check_subset_names (case and punctuation aside)
+        sets = {k: v for k, v in sets.items() if norm(k) in {norm(w) for w in wanted}}
     missing = {k: v["path"] for k, v in sets.items() if not Path(v["path"]).exists()}
     if missing:
         have = [k for k in sets if k not in missing]
@@ -174,7 +176,7 @@ def run(cfg: DictConfig, out_dir: str | Path, model=None, spec=None, fabric=None
 
 
 def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | None:
-    from .encoder import fingerprint, load_model, lora_pending, resolve_dtype
+    from .encoder import fingerprint, fingerprint_settings, load_model, lora_pending, resolve_dtype
     from .evaluation.cache import EmbeddingCache
     from .evaluation.engine import Engine, default_num_workers
     from .evaluation.suites import eval_choices, eval_mmeb_subset, eval_retrieval
@@ -193,18 +195,20 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
     rank0 = fabric.global_rank == 0
     spec = spec or model_spec(cfg)
     dtype = resolve_dtype(e.dtype, spec, fabric.device)
+    max_length = e.max_length or spec.max_length  # items are truncated to it: part of the cache key
+    compiled = bool(e.get("compile", False))
     t_load = time.perf_counter()
     if model is None:
-        model = load_model(spec, fabric.device, dtype, merge_lora=e.merge_lora, compile=e.get("compile", False))
-        fp = fingerprint(spec, dtype, merge_lora=e.merge_lora)
+        model = load_model(spec, fabric.device, dtype, merge_lora=e.merge_lora, compile=compiled)
+        fp = fingerprint(spec, dtype, merge_lora=e.merge_lora, max_length=max_length, compile=compiled)
     else:
         fp = None
     load_s = time.perf_counter() - t_load
-    max_length = e.max_length or spec.max_length
     ti = spec.target_instruction if e.target_instruction == "checkpoint" else e.target_instruction
     if OmegaConf.is_config(ti):
         ti = OmegaConf.to_container(ti, resolve=True)
-    cache_meta = {"source": spec.source, "kind": spec.kind, "settings": spec.settings(), "dtype": dtype}
+    cache_meta = {"source": spec.source, "kind": spec.kind, "dtype": dtype,
+                  "settings": fingerprint_settings(spec, dtype, e.merge_lora, max_length, compiled)}
     cache = EmbeddingCache(e.cache_dir if (e.cache and fp) else None, fp or "memory", cache_meta, fabric.global_rank)
     workers = e.num_workers
     if workers == "auto":  # on CPU the model's own threads need the cores (workers beside them thrash)
@@ -212,7 +216,7 @@ def _run(cfg: DictConfig, out_dir: str | Path, model, spec, fabric) -> dict | No
     engine = Engine(model, fabric, cache, batch_size=e.batch_size, max_tokens=e.max_tokens,
                     num_workers=workers, max_length=max_length, flush_every=e.flush_every, progress=e.progress)
     model_info = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None, "kind": spec.kind, "backbone": spec.backbone["path"],
-                  "k": spec.k, "sets": spec.sets, "template": spec.template, "dtype": dtype,
+                  "k": spec.k, "sets": spec.sets, "template": spec.template, "dtype": dtype, "max_length": max_length,
                   "fingerprint": fp, "device": str(fabric.device), "world_size": fabric.world_size,
                   "lora": "none" if not lora_pending(spec) else ("separate" if model.backbone.has_lora else "merged")}
     results: dict = {"model": model_info, "mmeb": {}, "zeroshot": {}}

@@ -1,5 +1,6 @@
 """`python -m rematch_pl.export ckpt=RUN_DIR out=DIR [merge=true] [eval_dir=EVAL_OUT] [overwrite=true]
-[backbone_path=BASE]` (BASE: the base weights' folder or hub id when the run recorded another location)
+[backbone_path=BASE]` (BASE: the base weights' folder or hub id when the run recorded another location;
+not for a merged export, whose model/ holds the trained weights)
 
 Writes a folder usable without Hydra (`rematch_pl.Encoder.from_pretrained(DIR)`)::
 
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .encoder import EXPORT_CONFIG, EXPORT_FORMAT, ModelSpec, read_spec
+from .checkpoint import MODULES_FILE, missing_modules_error
+from .encoder import EXPORT_CONFIG, EXPORT_FORMAT, ModelSpec, model_modules, read_spec
 from .hub import hub_kwargs, model_kwargs
 
 
@@ -119,7 +121,9 @@ def _model_card(spec: ModelSpec, small: dict, out: Path, eval_dir: str | None) -
 def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None, overwrite: bool = False,
            merge_dtype: str | None = None, backbone_path: str | None = None) -> Path:
     """Export `ckpt` (run dir, adapter folder or an export) to `out`; returns `out`. `backbone_path`:
-    where the base weights are now (a run trained on another machine records that machine's path)."""
+    where the base weights are now (a run trained on another machine records that machine's path;
+    refused for a merged export, whose weights are the trained ones). A checkpoint without the
+    ``rematch_modules.safetensors`` its config calls for is an error, before `out` is touched."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -128,6 +132,9 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
     from .encoder import load_model
 
     spec = read_spec(ckpt, backbone_path)
+    wdir = Path(spec.weights_dir) if spec.weights_dir else None
+    if wdir is not None and not (wdir / MODULES_FILE).is_file() and model_modules(spec):
+        raise missing_modules_error(wdir, model_modules(spec))  # before anything is written or replaced
     dst = Path(out)
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
@@ -146,7 +153,6 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
                                                    **hub)
     proc.tokenizer.save_pretrained(tmp / "model")
     proc.image_processor.save_pretrained(tmp / "model")
-    wdir = Path(spec.weights_dir) if spec.weights_dir else None
     full_ft = wdir is not None and (wdir / "backbone_trainable.safetensors").is_file()
     if merge and (lora_on or full_ft):
         model = load_model(spec, "cpu", "fp32", merge_lora=True)
@@ -164,8 +170,8 @@ def export(ckpt: str, out: str, merge: bool = False, eval_dir: str | None = None
             shutil.copytree(wdir / "adapter", tmp / "adapter")
         if full_ft:
             shutil.copy2(wdir / "backbone_trainable.safetensors", tmp / "backbone_trainable.safetensors")
-    if wdir is not None and (wdir / "rematch_modules.safetensors").is_file():
-        shutil.copy2(wdir / "rematch_modules.safetensors", tmp / "rematch_modules.safetensors")
+    if wdir is not None and (wdir / MODULES_FILE).is_file():
+        shutil.copy2(wdir / MODULES_FILE, tmp / MODULES_FILE)
     small = _small_config(spec, merged)
     if merged:
         small["backbone"]["dtype"] = merge_dtype or dtype

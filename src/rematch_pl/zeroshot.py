@@ -5,6 +5,9 @@ Two kinds of set:
 * `RetrievalSet` (Flickr30K, COCO 5k, ShareGPT4V-1k, Urban1K): an image pool and a caption pool,
   each caption belonging to one image. Text->image: each caption ranks the whole image pool;
   image->text: each image ranks the whole caption pool, a hit when any of its captions is there.
+  Captions with the very same text are one item (`RetrievalSet.positives`): such a caption of
+  another image is a positive of the image, not a competitor that ties with its own caption (a
+  strict miss), and as a query it has each of those images as a positive.
 * `ChoiceSet` (SugarCrepe): for each image a positive caption and its hard negative; accuracy =
   how often the positive scores strictly higher.
 
@@ -24,7 +27,9 @@ Layouts read (``layout: auto`` picks by looking at the path):
                ``<root>/caption/<name>.txt``.
 ``sugarcrepe`` SugarCrepe's ``data/`` folder: ``{replace_obj, replace_att, replace_rel, swap_obj,
                swap_att, add_obj, add_att}.json``, each ``{id: {"filename", "caption",
-               "negative_caption"}}``; images from COCO val2017 (``image_root``).
+               "negative_caption"}}``; images from COCO val2017 (``image_root``). Every part must
+               be there (a missing one is an error naming it), unless ``parts`` lists the ones to
+               run (``eval.zeroshot.sets.sugarcrepe.parts=[replace_obj,...]``).
 ``mmeb``       The same data in the MMEB-eval layout (as written by `to_mmeb_layout`): a folder of
                subsets ``<Set>_t2i`` (a row per caption: ``qry_text`` the caption, ``tgt_img_path``
                the image pool with the caption's image first) and ``<Set>_i2t`` (a row per image,
@@ -73,6 +78,19 @@ class RetrievalSet:
         for c, i in enumerate(self.caption_image):
             out[i].append(c)
         return out
+
+    def positives(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(images of each caption, captions of each image) as scored: captions with the very same
+        text are one item (the same embedding). An image's positives are every caption whose text
+        is one of its own captions' texts; a caption's positives every image with a caption of its
+        text. Without repeated texts: its own image, its own captions."""
+        by_text: dict[str, list[int]] = {}
+        for c, t in enumerate(self.captions):
+            by_text.setdefault(t, []).append(c)
+        images_of = {t: sorted({self.caption_image[c] for c in cs}) for t, cs in by_text.items()}
+        caption_pos = [images_of[t] for t in self.captions]
+        image_pos = [sorted({c2 for c in cs for c2 in by_text[self.captions[c]]}) for cs in self.image_captions()]
+        return caption_pos, image_pos
 
     def check(self, check_images: bool = True) -> "RetrievalSet":
         if not self.images or not self.captions:
@@ -171,21 +189,38 @@ def read_urban1k(root: str, name: str = "") -> RetrievalSet:
     return rs
 
 
-def read_sugarcrepe(root: str, image_root: str, parts=SUGARCREPE_PARTS) -> list[ChoiceSet]:
+def _check_parts(parts) -> tuple[str, ...]:
+    parts = tuple(SUGARCREPE_PARTS if parts is None else parts)
+    unknown = [p for p in parts if p not in SUGARCREPE_PARTS]
+    if unknown or not parts:
+        raise ZeroShotDataError(f"sugarcrepe.parts={list(parts)}: unknown SugarCrepe part(s) {unknown} "
+                                f"(expected a non-empty list of {list(SUGARCREPE_PARTS)})")
+    return parts
+
+
+def _missing_parts(where: str, missing: list[str], parts: tuple[str, ...]) -> ZeroShotDataError:
+    have = [p for p in parts if p not in missing]
+    return ZeroShotDataError(
+        f"{where}: missing SugarCrepe part(s) {', '.join(missing)}. The Replace / Swap / Add columns average "
+        f"their parts, so a missing one would change them silently. Add the file(s), or run the parts that are "
+        f"there on purpose: eval.zeroshot.sets.sugarcrepe.parts=[{','.join(have)}]")
+
+
+def read_sugarcrepe(root: str, image_root: str, parts=None) -> list[ChoiceSet]:
+    """The SugarCrepe parts `parts` (None: all seven); each must be there."""
+    parts = _check_parts(parts)
+    missing = [f"{part}.json" for part in parts if not (Path(root) / f"{part}.json").is_file()]
+    if missing:
+        raise _missing_parts(str(root), missing, parts)
     out = []
     for part in parts:
-        p = Path(root) / f"{part}.json"
-        if not p.is_file():
-            continue
-        data = _load_json(p)
+        data = _load_json(Path(root) / f"{part}.json")
         cs = ChoiceSet(part, image_root=image_root)
         for _, row in sorted(data.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else str(kv[0])):
             cs.images.append(row["filename"])
             cs.positives.append(row["caption"])
             cs.negatives.append(row["negative_caption"])
         out.append(cs)
-    if not out:
-        raise ZeroShotDataError(f"{root}: no SugarCrepe files ({', '.join(p + '.json' for p in parts)})")
     return out
 
 
@@ -220,15 +255,18 @@ def read_mmeb_retrieval(path: str, name: str, image_root: str | None = None) -> 
     return rs
 
 
-def read_mmeb_sugarcrepe(path: str, image_root: str | None = None, parts=SUGARCREPE_PARTS) -> list[ChoiceSet]:
+def read_mmeb_sugarcrepe(path: str, image_root: str | None = None, parts=None) -> list[ChoiceSet]:
+    """The ``SugarCrepe_<part>`` subsets of `parts` (None: all seven); each must be there."""
     from rematch_pl.data.mmeb import list_subsets
 
+    parts = _check_parts(parts)
     subsets = set(list_subsets(path))
+    missing = [f"SugarCrepe_{part}" for part in parts if f"SugarCrepe_{part}" not in subsets]
+    if missing:
+        raise _missing_parts(str(path), missing, parts)
     root = image_root if image_root is not None else path
     out = []
     for part in parts:
-        if f"SugarCrepe_{part}" not in subsets:
-            continue
         cs = ChoiceSet(part, image_root=root)
         for _, image, texts, _ in _mmeb_rows(path, f"SugarCrepe_{part}"):
             if len(texts) != 2:
@@ -237,8 +275,6 @@ def read_mmeb_sugarcrepe(path: str, image_root: str | None = None, parts=SUGARCR
             cs.positives.append(texts[0])
             cs.negatives.append(texts[1])
         out.append(cs)
-    if not out:
-        raise ZeroShotDataError(f"{path}: no SugarCrepe_<part> subsets (has {sorted(subsets)})")
     return out
 
 
@@ -262,10 +298,15 @@ def detect_layout(path: str) -> str:
 
 
 def load_set(name: str, path: str, image_root: str | None = None, layout: str = "auto", split: str = "test",
-             captions_per_image: int | None = 5, limit: int | None = None, check_images: bool = True):
-    """One zero-shot set: a `RetrievalSet`, or for SugarCrepe a list of `ChoiceSet` (one per part)."""
+             captions_per_image: int | None = 5, limit: int | None = None, check_images: bool = True,
+             parts: list[str] | None = None):
+    """One zero-shot set: a `RetrievalSet`, or for SugarCrepe a list of `ChoiceSet` (one per part).
+
+    `parts` (SugarCrepe only): the parts to run (default: all seven, each of which must be there)."""
     if name not in SETS:
         raise ZeroShotDataError(f"unknown zero-shot set {name!r}: expected one of {SETS}")
+    if parts is not None and name != "sugarcrepe":
+        raise ZeroShotDataError(f"{name}.parts={parts}: parts is only for sugarcrepe")
     if layout not in LAYOUTS:
         raise ZeroShotDataError(f"{name}.layout={layout!r}: expected one of {LAYOUTS}")
     if not os.path.exists(path):
@@ -274,10 +315,10 @@ def load_set(name: str, path: str, image_root: str | None = None, layout: str = 
     root = image_root if image_root is not None else (path if os.path.isdir(path) else os.path.dirname(path))
     if name == "sugarcrepe":
         if layout == "mmeb":
-            return read_mmeb_sugarcrepe(path, image_root)
+            return read_mmeb_sugarcrepe(path, image_root, parts)
         if layout != "sugarcrepe":
             raise ZeroShotDataError(f"sugarcrepe: layout {layout!r} is not a SugarCrepe layout")
-        return read_sugarcrepe(path, root)
+        return read_sugarcrepe(path, root, parts)
     if layout == "karpathy":
         rs = read_karpathy(path, root, name, split, captions_per_image)
     elif layout == "lavis":

@@ -162,6 +162,23 @@ def test_target_instructions():
     assert all(s in DEFAULT_TARGET_INSTRUCTIONS for s in ("ImageNet_1K", "ChartQA", "MSCOCO_i2t", "MSCOCO", "WebQA"))
 
 
+def test_an_instruction_already_there_without_its_final_punctuation_is_not_added_again():
+    """MMEB's visual-grounding documents read "<|image_1|>\\nRepresent the given cropped image of the
+    object" (no period): the default instruction (with one) is there already. Only the instruction as
+    a whole counts: a longer instruction that starts with the same words is not it."""
+    crop = target_instruction_for(DEFAULT_TARGET_INSTRUCTIONS, "RefCOCO", True)
+    assert crop.endswith(".")
+    for doc in (f"{PH}\nRepresent the given cropped image of the object", f"{PH}\nRepresent the given cropped "
+                "image of the object.\n", f"{PH}\nRepresent the given cropped image of the object\nred ball"):
+        assert apply_target_instruction(doc, True, crop) == doc
+    label = "Represent the class label: "
+    assert apply_target_instruction("Represent the class label: cat", False, label) == "Represent the class label: cat"
+    img = target_instruction_for(DEFAULT_TARGET_INSTRUCTIONS, "MSCOCO_t2i", True)
+    longer = f"{PH}\nRepresent the given image with related text information: a page"
+    assert apply_target_instruction(longer, True, img) == \
+        f"{PH}\nRepresent the given image. Represent the given image with related text information: a page"
+
+
 # ---------------------------------------------------------------- eval
 def _eval_fixture(tmp_path):
     root = tmp_path / "eval"

@@ -472,9 +472,16 @@ def apply_target_instruction(text: str, has_image: bool, instruction: str | None
 
     ``"red circle"`` -> ``"Represent the class label: red circle"``;
     ``"<|image_1|>"`` -> ``"<|image_1|>\\nRepresent the given image."``. A text that already
-    contains the instruction is returned unchanged.
+    contains the instruction is returned unchanged; the comparison ignores the instruction's final
+    punctuation and whitespace (MMEB's visual-grounding documents end "...of the object", the
+    default instruction "...of the object."), and the words must end there (not go on with more
+    words on the same line: "Represent the given image with related text" does not contain
+    "Represent the given image.").
     """
-    if not instruction or instruction.strip() in text:
+    if not instruction:
+        return text
+    core = re.sub(r"[\W_]+$", "", instruction.strip())
+    if re.search(re.escape(core) + r"(?![^\S\n]*\w)", text) if core else instruction.strip() in text:
         return text
     if has_image:
         mark = VISION_BLOCK if VISION_BLOCK in text else IMAGE_PLACEHOLDER

@@ -9,7 +9,10 @@ chunk in flight. Several ranks write their own chunks into the same folder.
 * model fingerprint (`model_fingerprint`): base weights (content hash of small files; name, size,
   mtime and the first and last MiB of big ones; hub id + revision when not local), the trained
   weights (adapter, learnable tokens, projector: content hash), the settings that change an
-  embedding (K, token sets, template, max_length, pixel range, compute dtype, attention kernel);
+  embedding (K, token sets, template, pixel range, compute dtype, attention kernel, the max_length
+  items are truncated to - ``eval.max_length`` when set, else the checkpoint's -, a LoRA merged at
+  load, compiled kernels; see `rematch_pl.encoder.fingerprint_settings`). Batch composition (float
+  rounding only) is not part of it;
 * item key (`item_key`): side (``qry`` / ``doc``, or ``any`` when both sides are the same
   function), text, and the image's identity (its path as the dataset names it, file size and
   modification time).

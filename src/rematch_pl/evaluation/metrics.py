@@ -2,9 +2,10 @@
 
 Upstream MMEB code takes `argmax`, which returns the first maximum, so a collapsed model (all
 scores equal) scores 100%. Here the rank of the positive counts every other candidate whose
-score is >= the positive's; a NaN score counts against the positive (a NaN positive is never a
-hit). A candidate that is the very same item as the positive (a duplicate in the candidate list)
-is not a competitor: it has the same embedding by construction.
+score is >= the positive's; a NaN competitor counts against the positive, and a NaN positive
+has no rank at all (`NO_RANK`: a miss at every k, 0 towards MRR, competitors or not). A
+candidate that is the very same item as the positive (a duplicate in the candidate list) is not
+a competitor: it has the same embedding by construction.
 
 Scoring is by matrix products on the embeddings' device, in query blocks:
 
@@ -13,7 +14,10 @@ Scoring is by matrix products on the embeddings' device, in query blocks:
 * `pool_ranks` - each query against one large pool with one or several positives per query
   (Flickr30K / COCO style): the pool is streamed in chunks (it can live on the CPU while the
   products run on the GPU), so it never needs to fit in device memory; or FAISS (`backend=
-  "faiss"`, optional import) for pools beyond host memory tools.
+  "faiss"`, optional import): an exact flat inner-product index on the CPU, which holds a
+  normalised copy of the whole pool in host memory, exact below `max_k`. Either way the pool's
+  embeddings are in host memory (the engine returns them there): FAISS is another scorer, not a
+  way to score pools larger than memory.
 """
 
 from __future__ import annotations
@@ -25,24 +29,29 @@ import torch.nn.functional as F
 
 
 # ====================================================================== ranks
+NO_RANK = torch.iinfo(torch.int64).max  # the rank of a NaN positive: a miss at every k, 0 towards MRR
+
+
 def positive_rank(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """scores: [Q, C] with the positive at column 0 -> [Q] rank (0 = strictly best).
 
     valid: optional [Q, C] bool, False for padding / duplicates of the positive (not counted).
+    A NaN positive gets `NO_RANK`, whatever its competitors.
     """
     pos = scores[:, :1]  # [Q, 1]
     others = scores[:, 1:]  # [Q, C-1]
-    beat = (others >= pos) | torch.isnan(others) | torch.isnan(pos)  # ties and NaNs count against the positive
+    beat = (others >= pos) | torch.isnan(others)  # ties and NaNs count against the positive
     if valid is not None:
         beat = beat & valid[:, 1:]
-    return beat.sum(dim=1)
+    return beat.sum(dim=1).masked_fill(torch.isnan(pos[:, 0]), NO_RANK)
 
 
 def metrics_from_ranks(rank: torch.Tensor, ks: tuple[int, ...] = (1, 5), mrr: bool = True) -> dict[str, float]:
+    none = rank == NO_RANK
     rank = rank.float()
-    out = {f"hit@{k}": (rank < k).float().mean().item() for k in ks}
+    out = {f"hit@{k}": ((rank < k) & ~none).float().mean().item() for k in ks}
     if mrr:
-        out["mrr"] = (1.0 / (rank + 1)).mean().item()
+        out["mrr"] = (1.0 / (rank + 1)).masked_fill(none, 0.0).mean().item()
     return out
 
 
@@ -143,10 +152,12 @@ def pool_ranks(q: torch.Tensor, pool: torch.Tensor, positives: list[list[int]], 
                max_k: int = 10) -> torch.Tensor:
     """Strict rank [Q] of each query's best positive in one candidate pool.
 
-    rank = number of non-positive pool entries whose cosine score is >= the best positive's. With
-    ``backend="torch"`` it is exact for every rank (the pool is streamed in `chunk` rows); with
-    ``backend="faiss"`` (exact inner-product index) it is exact below `max_k` and reported as
-    `max_k` above (enough for Recall@k, k <= max_k).
+    rank = number of non-positive pool entries whose cosine score is >= the best positive's (a NaN
+    entry counts; a NaN best positive: `NO_RANK`). With ``backend="torch"`` it is exact for every
+    rank (the pool is streamed in `chunk` rows, from wherever it lives to `device`); with
+    ``backend="faiss"`` (exact inner-product index, the whole pool in host memory) it is exact below
+    `max_k` and reported as `max_k` above (enough for Recall@k, k <= max_k; a NaN best positive
+    too, which is a miss for those k).
     """
     P = _pad_positives(positives)  # [Q, Pmax]
     if backend == "faiss":
@@ -169,13 +180,13 @@ def pool_ranks(q: torch.Tensor, pool: torch.Tensor, positives: list[list[int]], 
         for c0 in range(0, pn.shape[0], chunk):
             pc = pn[c0:c0 + chunk].to(device)  # [c, D]
             sc = qb @ pc.T  # [b, c]
-            beat = (sc >= best[:, None]) | torch.isnan(sc) | torch.isnan(best)[:, None]
+            beat = (sc >= best[:, None]) | torch.isnan(sc)
             inside = ok & (pb >= c0) & (pb < c0 + pc.shape[0])  # positives in this chunk are not competitors
             if inside.any():
                 r, j = inside.nonzero(as_tuple=True)
                 beat[r, pb[r, j] - c0] = False
             count += beat.sum(dim=1)
-        ranks[s:s + block] = count.cpu()
+        ranks[s:s + block] = count.masked_fill(torch.isnan(best), NO_RANK).cpu()
     return ranks
 
 

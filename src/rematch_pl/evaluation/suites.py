@@ -4,7 +4,8 @@
   candidates with the document token set, each query scored against its own candidate list, strict
   Hit@1 / Hit@5 / MRR; optional reranking of the top N by the matching head.
 * `eval_retrieval` / `eval_choices`: the zero-shot sets (`rematch_pl.zeroshot`): full-pool
-  Recall@1/5/10 in both directions, SugarCrepe accuracy.
+  Recall@1/5/10 in both directions (captions with identical texts are one item:
+  `RetrievalSet.positives`), SugarCrepe accuracy.
 
 Only rank 0 scores (it holds the gathered embeddings); the other ranks encode and return None.
 """
@@ -94,10 +95,12 @@ def eval_retrieval(engine: Engine, rs, prompts: dict | None = None, target_instr
     q_t, d_i, q_i, d_t = emb[:nc], emb[nc:nc + n_img], emb[nc + n_img:nc + 2 * n_img], emb[nc + 2 * n_img:]
     t1 = time.perf_counter()
     kw = dict(backend=backend, device=device, chunk=chunk, max_k=max(ks))
-    t2i = pool_ranks(q_t, d_i, [[i] for i in rs.caption_image], **kw)
-    i2t = pool_ranks(q_i, d_t, rs.image_captions(), **kw)
+    caption_pos, image_pos = rs.positives()  # identical caption texts: one item
+    t2i = pool_ranks(q_t, d_i, caption_pos, **kw)
+    i2t = pool_ranks(q_i, d_t, image_pos, **kw)
     return {"set": rs.name, "t2i": recall_from_ranks(t2i, ks), "i2t": recall_from_ranks(i2t, ks),
-            "chance@1": {"t2i": 100.0 / n_img, "i2t": 100.0 * sum(len(c) for c in rs.image_captions()) / nc / n_img},
+            "chance@1": {"t2i": 100.0 * sum(map(len, caption_pos)) / nc / n_img,
+                         "i2t": 100.0 * sum(map(len, image_pos)) / nc / n_img},
             "images": n_img, "captions": nc, "encoded": engine.stats["encoded"] - enc_before,
             "encode_s": round(t1 - t0, 3), "score_s": round(time.perf_counter() - t1, 3)}
 
