@@ -48,6 +48,16 @@ def test_duplicate_positive_and_ragged_lists():
     assert m["chance@1"] == pytest.approx((1 / 2 + 1 / 2) / 2)
 
 
+def test_a_negative_listed_twice_competes_once():
+    """The same item listed again is one competitor: Hit@5 and MRR see it once, and so does chance."""
+    q = torch.tensor([[1.0, 0.0]])
+    docs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
+    m, _, valid = evaluate_subset(q, docs, [[0, 1, 1, 1, 1, 1, 2]], return_scores=True)
+    assert valid.tolist() == [[True, True, False, False, False, False, True]]
+    assert m["hit@1"] == 0.0 and m["hit@5"] == 1.0 and m["mrr"] == pytest.approx(0.5)
+    assert m["chance@1"] == pytest.approx(1 / 3)
+
+
 @pytest.mark.parametrize("n_docs", [6, 400])  # few documents: product + gather; many: batched gather
 def test_candidate_scores_paths_equal_brute_force(n_docs):
     g = torch.Generator().manual_seed(0)

@@ -64,15 +64,16 @@ def retrieval_metrics(scores: torch.Tensor, ks: tuple[int, ...] = (1, 5), valid:
 # ====================================================================== per-query candidate lists
 def pad_candidates(candidates: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged candidate lists -> ``idx [Q, C]`` (padding 0) and ``valid [Q, C]`` (False on padding and on
-    later copies of the positive item)."""
+    later copies of an item already listed: the positive listed again is not a competitor, and a
+    negative listed twice competes once, for Hit@5 and MRR as for Hit@1)."""
     Q = len(candidates)
     C = max(len(c) for c in candidates)
     idx = torch.zeros(Q, C, dtype=torch.long)
     valid = torch.zeros(Q, C, dtype=torch.bool)
     for i, c in enumerate(candidates):
         idx[i, : len(c)] = torch.as_tensor(c, dtype=torch.long)
-        valid[i, : len(c)] = True
-    valid[:, 1:] &= idx[:, 1:] != idx[:, :1]  # the positive item listed again is not a competitor
+        seen = set()
+        valid[i, : len(c)] = torch.tensor([not (x in seen or seen.add(x)) for x in c], dtype=torch.bool)
     return idx, valid
 
 
