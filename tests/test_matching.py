@@ -213,3 +213,12 @@ def test_length_bucketed_matching_rows_equal_one_padded_pass(views):
     assert cb["match"] == c1["match"] and cb["match_padded"] == cb["match"]  # pass_tokens=0: no padding
     if views == "all":  # raw documents: image and text rows of different lengths
         assert cb["match_padded"] < c1["match_padded"]
+
+
+def test_the_matching_pass_refuses_an_attention_that_ignores_its_mask():
+    """Reranking at eval time or `Encoder.score` may load a backbone with flash-attention (fine for
+    embedding passes); the matching pass then stops with advice instead of misreading its mask."""
+    model, batch, feats, mi = _setup("qwen2vl")
+    model.backbone.hf.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation=sdpa"):
+        model.matching_logits(*mi[:-1], feats, batch["image_grid_thw"])

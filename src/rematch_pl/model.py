@@ -177,6 +177,11 @@ class ReMatchModel(nn.Module):
         embedding passes do (`length_buckets`): an instance whose documents are short text is
         not padded to one holding images. Rows are independent, so the answers are unchanged."""
         head, bb = self.matching, self.backbone
+        impl = bb.hf.config._attn_implementation
+        if impl not in ("sdpa", "eager"):  # flash-attention would read the 4-D mask as padding, or fail
+            raise ValueError(f"the matching pass needs an attention that honours its unified 4-D mask (sdpa or eager); "
+                             f"the backbone was loaded with {impl!r}: load it with backbone.attn_implementation=sdpa "
+                             "(training, eval.rerank_top_k, Encoder.score)")
         grids = grid_rows(grids)  # host lists, read once
         instances = [head.instance_segments(q_raw[b], zq[b], {1: d1_raw[b], 2: d2_raw[b]}, {1: zd1[b], 2: zd2[b]},
                                             bb.image_token_id, grids, bb.merge, isolate=isolate)
