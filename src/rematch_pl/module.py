@@ -190,8 +190,8 @@ class ReMatchModule(L.LightningModule):
             # DeepSpeed's engine steps whatever gradients it holds and Lightning cannot skip its
             # backward pass: decide here (a host read mid-step, on this strategy only)
             if not self._all_finite(self._nonfinite(terms["loss"])):
-                raise RuntimeError(f"non-finite loss at step {self.global_step} under "
-                                   f"{type(self.trainer.strategy).__name__}: in automatic optimisation its engine "
+                raise RuntimeError(f"non-finite loss at step {self.global_step} under DeepSpeedStrategy: in "
+                                   "automatic optimisation its engine "
                                    "cannot skip a step; set train.gradcache.chunk_size (GradCache skips such steps "
                                    "on every strategy), lower optimizer.lr, or check the data")
             return terms["loss"]
