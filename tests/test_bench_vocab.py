@@ -113,3 +113,20 @@ def test_read_ranks_names_what_is_wrong(tmp_path, monkeypatch):
         read_ranks(None)
     with pytest.raises(FileNotFoundError, match="no such folder .* rematch_pl.bench.vocab"):
         bench_processor(None, None, str(tmp_path / "no_tokenizer"))
+
+
+@needs_ranks
+def test_matching_prompt_pieces_tokenise_as_the_joined_prompt(qwen2_dir):
+    """The matching prompt is tokenised piece by piece; with Qwen2's BPE the pieces must give the
+    ids of the joined text at each boundary (a space ending a piece would be a lone " " token)."""
+    from transformers import AutoTokenizer
+
+    from rematch_pl.matching import D_CLOSE, D_OPEN, INSTRUCTION, Q_CLOSE, Q_OPEN
+
+    tok = AutoTokenizer.from_pretrained(qwen2_dir)
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    for a, b in ((INSTRUCTION, Q_OPEN), (Q_CLOSE, D_OPEN), (D_CLOSE, D_OPEN)):
+        assert ids(a) + ids(b) == ids(a + b), (a, b)

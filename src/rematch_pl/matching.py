@@ -38,9 +38,15 @@ from .backbone.sequence import Ids, Segment, Vecs, n_tokens, segment_span, to_de
 INSTRUCTION = (
     'Compare the content inside <QUERY> and <DOC>. Determine whether the information in <DOC> is '
     'relevant to the query in <QUERY>. Answer only with "Yes" or "No", and wrap your answer in '
-    "<ANSWER></ANSWER> tags. "
+    "<ANSWER></ANSWER> tags."
 )
 SYSTEM = "You are a helpful assistant."
+# The S7 prompt's pieces around the raw / feature content. Each piece is tokenised alone, so a
+# space goes at the start of the next piece, where a BPE joins it to the word (" <QUERY>"), not
+# at the end of the previous one (a lone " " token the pretrained model rarely saw; tested with
+# Qwen2's tokenizer: the pieces give the ids of the joined prompt).
+Q_OPEN, Q_CLOSE = " <QUERY> ", " </QUERY>\n"
+D_OPEN, D_CLOSE = "<DOC> ", " </DOC>\n"
 
 # Table 5 names -> (query views, document views); each pair is used for both document slots.
 VIEW_SETS = {
@@ -151,8 +157,8 @@ class MatchingHead(nn.Module):
         user_prefix, assistant_prefix = processor.chat_turn_ids(SYSTEM)
         self.prefix_ids = user_prefix + tok(INSTRUCTION)
         self.answer_ids = assistant_prefix + tok("<ANSWER>")
-        self.q_open, self.q_close = tok("<QUERY> "), tok(" </QUERY>\n")
-        self.d_open, self.d_close = tok("<DOC> "), tok(" </DOC>\n")
+        self.q_open, self.q_close = tok(Q_OPEN), tok(Q_CLOSE)
+        self.d_open, self.d_close = tok(D_OPEN), tok(D_CLOSE)
         yes, no = tok("Yes"), tok("No")
         if len(yes) != 1 or len(no) != 1:
             raise ValueError(f"'Yes'/'No' must be single tokens for the matching loss, got {yes} / {no}")
