@@ -137,8 +137,11 @@ def test_deepspeed_trains_exactly_as_ddp(runs, variant, tmp_path):
     assert _val(run) == pytest.approx(_val(runs["ddp"]), abs=1e-6)
     a, b = _weights(runs["ddp"]), _weights(run)
     assert a.keys() == b.keys()
+    # AdamW moves every weight by about lr (1e-3) per step whatever its gradient's size, so a
+    # weight whose gradient is near zero turns the engines' different reduction order into up
+    # to a few 1e-5 (seen: 1.3e-5 after 4 steps); a wrong gradient moves weights by ~lr
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b[k], a[k], atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
