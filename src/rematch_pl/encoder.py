@@ -169,11 +169,10 @@ def model_modules(spec: ModelSpec) -> list[str]:
     """The ReMatch modules (outside the backbone) of the model `spec` describes, which its
     ``rematch_modules.safetensors`` must hold: the learnable tokens (K > 0) and, with matching views
     that read the fused features, the projector and the <feat_start>/<feat_end> markers."""
-    from .matching import VIEW_SETS
+    from .matching import reads_features
 
     out = ["fusion.tokens"] if spec.k > 0 else []
-    qs, ds = VIEW_SETS.get(spec.matching, ((), ()))
-    if "feat" in (*qs, *ds):
+    if reads_features(spec.matching):
         out += ["matching.projector", "matching.markers"]
     return out
 

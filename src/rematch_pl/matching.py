@@ -84,6 +84,12 @@ def views_for(name: str) -> list[View]:
     return [View(q, s, d) for q in qs for s in (1, 2) for d in ds]
 
 
+def reads_features(name: str) -> bool:
+    """Does the `matching=` setting `name` read projected features (so it has a projector and the
+    <feat_start>/<feat_end> markers)?"""
+    return any("feat" in (v.query, v.doc) for v in views_for(name))
+
+
 def allowed_tags(views: list[View]) -> torch.Tensor:
     """[T, T] bool: may a token of segment tag a attend to a token of segment tag b (causality aside)."""
     T = A_TAG0 + len(views)
@@ -147,7 +153,7 @@ class MatchingHead(nn.Module):
             raise ValueError(f"matching.feature={feature!r}: expected 'fused' or 'tokens'")
         self.views = views_for(views)
         self.feature = feature
-        self.uses_features = any("feat" in (v.query, v.doc) for v in self.views)
+        self.uses_features = reads_features(views)
         self.projector = self.markers = None
         if self.uses_features:  # raw-only views train no projector (and DDP sees no unused parameters)
             self.projector = Projector(hidden_size, mlp_ratio)

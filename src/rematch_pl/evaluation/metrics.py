@@ -5,7 +5,7 @@ scores equal) scores 100%. Here the rank of the positive counts every other cand
 score is >= the positive's; a NaN competitor counts against the positive, and a NaN positive
 has no rank at all (`NO_RANK`: a miss at every k, 0 towards MRR, competitors or not). A
 candidate that is the very same item as the positive (a duplicate in the candidate list) is not
-a competitor: it has the same embedding by construction.
+a competitor: it has the same embedding by construction; a negative listed twice competes once.
 
 Scoring is by matrix products on the embeddings' device, in query blocks:
 
@@ -35,7 +35,7 @@ NO_RANK = torch.iinfo(torch.int64).max  # the rank of a NaN positive: a miss at 
 def positive_rank(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """scores: [Q, C] with the positive at column 0 -> [Q] rank (0 = strictly best).
 
-    valid: optional [Q, C] bool, False for padding / duplicates of the positive (not counted).
+    valid: optional [Q, C] bool, False for padding / later copies of a listed item (not counted).
     A NaN positive gets `NO_RANK`, whatever its competitors.
     """
     pos = scores[:, :1]  # [Q, 1]
