@@ -240,6 +240,9 @@ class ReMatchModule(L.LightningModule):
         rss = host_rss_gb()
         if rss is not None:
             self.log("perf/host_rss_gb", rss, batch_size=1)
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "bad_row_count"):  # rows the stream left out so far (this rank)
+            self.log("data/bad_rows", float(dm.bad_row_count), batch_size=1)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self):

@@ -102,7 +102,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
             "memory_plan": plan,
             "val": {k: round(float(v), 4) for k, v in module.last_val.items()},
             "last_loss": {k: round(float(v), 4) for k, v in module.last_terms.items()},  # host reads, once
-            "bad_rows": getattr(dm, "bad_rows", {}),
+            "bad_rows": dm.all_bad_rows(),  # every rank's (a collective)
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         if cfg.save_adapter:  # every rank: a sharded model's weights are gathered

@@ -27,7 +27,7 @@ def _examples():
         example(0, qry_image=img((56, 56)), negs=(("red circle", None), ("blue square", None))),
         example(1, pos_image=img((112, 56)), negs=((PH, img((56, 84))), ("green", None))),
         example(2, qry_image=img((84, 84)), pos_image=img((56, 56)), negs=(("a", None), (PH, img((112, 112))))),
-    ], bad_rows={"S": {"missing image": 2}})
+    ], bad_rows=[("S", 7, "missing image"), ("S", 9, "missing image")])
 
 
 def test_pixels_collated_in_the_vision_towers_dtype(processor):
@@ -59,7 +59,7 @@ def test_train_batch_format(processor):
     assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
     assert grid[2].tolist() == [1, 4, 8]  # the 112x56 positive of example 1
     assert batch["subset"] == ["S"] * 3 and batch["row_id"] == ["S:0", "S:1", "S:2"]
-    assert batch["bad_rows"] == {"S": {"missing image": 2}}
+    assert batch["bad_rows"] == [("S", 7, "missing image"), ("S", 9, "missing image")]
     # negatives instance-major: example 1's negatives are rows 2 and 3
     neg1 = batch["neg"]["ids"][3, : batch["neg"]["lengths"][3]].tolist()
     assert neg1 == processor.tokenize("green")

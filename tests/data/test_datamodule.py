@@ -109,12 +109,18 @@ def test_eval_items_sharded_equally(n, world):
     assert shards[1][0][0] == 1 % n  # strided: rank r starts at item r
 
 
-def test_bad_rows_collected_from_batches(dm):
-    batch = {"qry": {}, "bad_rows": {"Syn_VG": {"missing image": 2}}}
+def test_bad_rows_collected_from_batches_each_row_once_and_saved(dm, synthetic_dir):
+    batch = {"qry": {}, "bad_rows": [("Syn_VG", 3, "missing image"), ("Syn_VG", 5, "missing image")]}
     out = dm.on_before_batch_transfer(batch, 0)
-    dm.on_before_batch_transfer({"bad_rows": {"Syn_VG": {"missing image": 1, "empty query": 1}}}, 0)
+    # row 3 again (another worker met its undecodable image, or a later pass): counted once
+    dm.on_before_batch_transfer({"bad_rows": [("Syn_VG", 3, "missing image"), ("Syn_VG", 8, "empty query")]}, 0)
     assert "bad_rows" not in out
-    assert dm.bad_rows == {"Syn_VG": Counter({"missing image": 3, "empty query": 1})}
+    assert dm.bad_rows == {"Syn_VG": Counter({"missing image": 2, "empty query": 1})} and dm.bad_row_count == 3
+    assert dm.all_bad_rows() == {"Syn_VG": {"missing image": 2, "empty query": 1}}
+    resumed = MMEBDataModule(synthetic=dict(SYN, out_dir=str(synthetic_dir)), batch_size=4)
+    resumed.load_state_dict(dm.state_dict())  # the counts go on from the checkpoint's
+    resumed.on_before_batch_transfer({"bad_rows": [("Syn_VG", 8, "empty query"), ("Syn_VG", 9, "empty query")]}, 0)
+    assert resumed.bad_rows == {"Syn_VG": Counter({"missing image": 2, "empty query": 2})}
 
 
 def test_hydra_style_config(synthetic_dir, processor):

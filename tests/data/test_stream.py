@@ -232,11 +232,8 @@ def test_bad_row_skip_counts(tmp_path, kind, caplog):
     else:
         assert sorted(ids(batches)) == ["S:0", "S:1", "S:2", "S:4"]
     assert s.bad_rows == {"S": {kind: 1}}
-    attached = Counter()
-    for b in batches:
-        for subset, counts in b.bad_rows.items():
-            attached.update({(subset, r): n for r, n in counts.items()})
-    assert attached == {("S", kind): 1}  # reaches the main process with the batches
+    attached = [r for b in batches for r in b.bad_rows]
+    assert attached == [("S", 3, kind)]  # reaches the main process with the batches
     assert any("row 3" in r.getMessage() and kind in r.getMessage() for r in caplog.records)
 
 
@@ -246,7 +243,7 @@ def test_bad_row_counted_once_over_passes(tmp_path):
     it = iter(s)  # infinite: 4 good rows per pass, 8 batches = 6 passes
     seen = [next(it) for _ in range(8)]
     assert all(len(b) == 3 for b in seen) and s.bad_rows == {"S": {"missing image": 1}}
-    assert sum(sum(c.values()) for b in seen for c in b.bad_rows.values()) == 1
+    assert [r for b in seen for r in b.bad_rows] == [("S", 3, "missing image")]
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])
@@ -358,3 +355,44 @@ def test_resume_continues_exactly_past_an_undecodable_image(tmp_path, workers):
     loader = DataLoader(s, batch_size=None, num_workers=workers, collate_fn=lambda b: [e["row_id"] for e in b])
     it = iter(loader)
     assert [next(it) for _ in range(9)] == ref[5:]
+
+
+def _many_bad_rows(tmp_path):
+    """Subset 'S' of 24 rows: rows 2 and 13 miss their image, 5 and 17 have no query, 9's image does not decode."""
+    root = tmp_path / "train"
+    img = save_png(root, "images/S/ok.png")
+    (root / "images/S/broken.png").write_bytes(b"\x89PNG garbage")
+    rows = [train_row(f"{PH} query {i}", img, f"pos {i}", "", f"neg {i}", "") for i in range(24)]
+    for i in (2, 13):
+        rows[i]["qry_image_path"] = f"images/S/gone{i}.png"
+    for i in (5, 17):
+        rows[i]["qry"], rows[i]["qry_image_path"] = " ", ""
+    rows[9]["qry_image_path"] = "images/S/broken.png"
+    write_parquet(root, "S", "original", rows)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_rows_reported_with_the_batch_that_met_them(tmp_path, workers):
+    """A bad row is reported once, with the batch whose layout or loading met it, whatever the
+    number of workers; a resumed stream reports exactly the rows of the batches it yields, so the
+    checkpoint's counts plus the resumed ones equal the uninterrupted run's."""
+    root = _many_bad_rows(tmp_path)
+    ref_it = iter(stream(root, on_bad_row="skip", batch_size=4, seed=3))
+    ref = [sorted(next(ref_it).bad_rows) for _ in range(12)]  # 12 batches = 2+ passes of 19 good rows
+    flat = [r for b in ref for r in b]
+    assert sorted(set(flat)) == [("S", 2, "missing image"), ("S", 5, "empty query"), ("S", 9, "unreadable image"),
+                                 ("S", 13, "missing image"), ("S", 17, "empty query")]
+    # found while laying out: once over the passes; an undecodable image: whenever a batch loads it
+    assert flat.count(("S", 9, "unreadable image")) >= 2 and all(flat.count(r) == 1 for r in flat if r[1] != 9)
+
+    def run(skip):
+        s = stream(root, on_bad_row="skip", batch_size=4, seed=3)
+        s.skip_batches = skip
+        loader = DataLoader(s, batch_size=None, num_workers=workers, collate_fn=lambda b: sorted(b.bad_rows))
+        it = iter(loader)
+        return [next(it) for _ in range(12 - skip)]
+
+    assert run(0) == ref
+    first_report = next(j for j, b in enumerate(ref) if b)
+    assert run(first_report + 1) == ref[first_report + 1:]  # the reports of the skipped batches are the checkpoint's

@@ -11,7 +11,7 @@ Training batch (`TrainCollator`), with B examples and N negatives each::
      "pixel_values": Tensor (all images of the batch, processor output concatenated),
      "image_grid_thw": LongTensor[n_images, 3],
      "subset": list[str], "row_id": list[str],
-     "bad_rows": {subset: {reason: count}} rows the stream skipped since its previous batch}
+     "bad_rows": [(subset, row index, reason)] rows the stream left out while making this batch}
 
 Images are numbered queries first, then positives, then negatives (instance-major), so
 each role's images are contiguous; image k's patches are rows
@@ -124,7 +124,7 @@ class TrainCollator(_Encoder):
             "image_grid_thw": image_batch.grid_thw.long(),
             "subset": [ex["subset"] for ex in examples],
             "row_id": [ex["row_id"] for ex in examples],
-            "bad_rows": dict(getattr(examples, "bad_rows", None) or {}),
+            "bad_rows": list(getattr(examples, "bad_rows", None) or []),
         }
 
 

@@ -133,7 +133,8 @@ class MMEBDataModule(pl.LightningDataModule):
         self.eval_sets: dict[str, EvalSet] = {}
         self.eval_layout: dict[str, dict] = {}
         self.eval_items: list[tuple[str, str | None]] = []
-        self.bad_rows: dict[str, Counter] = {}
+        self.bad_rows: dict[str, Counter] = {}  # {subset: {reason: rows}}, each row once
+        self._bad_seen: dict[tuple[str, int], str] = {}  # (subset, row index) -> reason
         if self.synthetic is None:
             self._check_image_roots()
 
@@ -245,18 +246,22 @@ class MMEBDataModule(pl.LightningDataModule):
                 "homogeneous": bool(self.homogeneous), "seed": int(self.seed)}
 
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: how many training batches this rank has consumed, and the
-        settings that decide which rows make up a batch."""
+        """Saved in every checkpoint: how many training batches this rank has consumed, the
+        settings that decide which rows make up a batch, and the bad rows left out so far."""
         consumed = 0
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             consumed = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-        return {"train_batches_consumed": consumed, "stream_layout": self._stream_layout()}
+        return {"train_batches_consumed": consumed, "stream_layout": self._stream_layout(),
+                "bad_rows": [[s, i, r] for (s, i), r in sorted(self._bad_seen.items())]}
 
     def load_state_dict(self, state: dict) -> None:
-        """On resume the training stream skips the batches consumed before the checkpoint."""
+        """On resume the training stream skips the batches consumed before the checkpoint, and the
+        bad-row counts go on from the checkpoint's (the skipped batches report none)."""
         self._resume_skip = int(state.get("train_batches_consumed", 0))
         self._resume_layout = state.get("stream_layout")
+        self.bad_rows, self._bad_seen = {}, {}
+        self._count_bad_rows(state.get("bad_rows", []))
 
     def _check_resume_layout(self) -> None:
         """A resume that changes what makes up a batch cannot continue the stream exactly: say so."""
@@ -311,8 +316,33 @@ class MMEBDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ bad-row accounting
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
-        """Collect the stream's skipped-row counts (they come from the workers inside batches)."""
+        """Collect the rows the stream left out (they come from the workers inside batches)."""
         if isinstance(batch, dict) and "bad_rows" in batch:
-            for subset, counts in batch.pop("bad_rows").items():
-                self.bad_rows.setdefault(subset, Counter()).update(counts)
+            self._count_bad_rows(batch.pop("bad_rows"))
         return batch
+
+    def _count_bad_rows(self, rows) -> None:
+        """Count each ``(subset, row index, reason)`` once: a row can be reported again by another
+        worker (an image that does not decode is met only by the worker loading it) or pass."""
+        for subset, i, reason in rows:
+            if (subset, int(i)) not in self._bad_seen:
+                self._bad_seen[(subset, int(i))] = reason
+                self.bad_rows.setdefault(subset, Counter())[reason] += 1
+
+    @property
+    def bad_row_count(self) -> int:
+        """Rows left out so far on this rank."""
+        return len(self._bad_seen)
+
+    def all_bad_rows(self) -> dict[str, dict[str, int]]:
+        """``{subset: {reason: rows}}`` over all ranks (ranks hold disjoint rows). Collective under
+        an initialised ``torch.distributed``: every rank must call it."""
+        seen = dict(self._bad_seen)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, seen)
+            seen = {k: v for part in parts for k, v in part.items()}
+        out: dict[str, Counter] = {}
+        for (subset, _), reason in sorted(seen.items()):
+            out.setdefault(subset, Counter())[reason] += 1
+        return {s: dict(c) for s, c in out.items()}

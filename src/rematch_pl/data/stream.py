@@ -28,13 +28,16 @@ exactly, with partial batches at the end, for tests and counting.
 Bad rows (missing image file, empty query or document, placeholder/image mismatch, missing
 negatives, malformed negative list, in the row or in the hard-negative source; an image that
 does not decode): ``on_bad_row="raise"`` raises a DataError naming subset, row index and file;
-``"skip"`` leaves the row out, counts it in ``bad_rows`` (``{subset: {reason: count}}``, each
-row once per process however many passes skip it), logs a warning, and attaches the new counts
-to the next batch (``ExampleBatch.bad_rows``) so that they reach the main process from
-DataLoader workers. All but an undecodable image are found while laying out batches, so every
-worker agrees on them; an image that does not decode is found when its batch is loaded, and its
-row is replaced in that batch by a spare row of the same subset (chosen by a shuffle seeded by
-the batch index), so batches stay full and resume stays exact.
+``"skip"`` leaves the row out and reports it with the batch during whose layout or loading it
+was found (``ExampleBatch.bad_rows``: ``[(subset, row index, reason)]``), so the reports reach
+the main process from DataLoader workers and depend on the batch index alone: the datamodule
+counts each row once and saves the rows in its checkpoints, so a resumed run's counts go on
+from the checkpoint's (exact, like the batches). All but an undecodable image are found while
+laying out batches, which every worker does for every batch: the worker that yields the batch
+reports them (and logs a warning; ``bad_rows`` counts what this stream object reported, each
+row once). An image that does not decode is found when its batch is loaded, and its row is
+replaced in that batch by a spare row of the same subset (chosen by a shuffle seeded by the
+batch index), so batches stay full and resume stays exact.
 """
 
 from __future__ import annotations
@@ -77,11 +80,12 @@ BAD_ROW_REASONS = ("missing image", "unreadable image", "empty query", "empty do
 
 
 class ExampleBatch(list):
-    """One batch of examples; ``bad_rows`` counts the rows skipped since the previous batch."""
+    """One batch of examples; ``bad_rows``: ``[(subset, row index, reason)]`` of the rows found bad
+    while this batch was laid out or loaded."""
 
-    def __init__(self, examples=(), bad_rows: dict | None = None):
+    def __init__(self, examples=(), bad_rows: list | None = None):
         super().__init__(examples)
-        self.bad_rows = bad_rows or {}
+        self.bad_rows = list(bad_rows or [])
 
 
 class _BadRow(Exception):
@@ -177,12 +181,12 @@ class TrainStream(IterableDataset):
         self.sizes = {s: self._size(s) for s in self.subsets}
         self.weights = self._resolve_weights(weights)
         self.epoch = 0
-        self.bad_rows: dict[str, Counter] = {}
-        self._pending_bad: dict[str, Counter] = {}
-        self._bad_seen: set[tuple[str, int]] = set()
+        self.bad_rows: dict[str, Counter] = {}  # the rows this object reported: {subset: {reason: n}}
+        self._found: list[tuple[str, int, str, str]] = []  # (subset, i, reason, message) since the last take
+        self._bad_seen: set[tuple[str, int]] = set()  # found while laying out batches
+        self._reported: set[tuple[str, int]] = set()
         self._hardneg: dict[str, HardNegativeIndex] = {}
         self.skip_batches = 0  # batches of this rank already consumed (exact resume)
-        self._worker = (0, 1)  # (worker, num_workers) of the iteration in progress
 
     # ------------------------------------------------------------------ config
     def _per_subset(self, values: Mapping | None, name: str, minimum: float) -> dict:
@@ -265,10 +269,14 @@ class TrainStream(IterableDataset):
 
     def _owned_batches(self, rank: int, world: int, worker: int, num_workers: int, first: int,
                        infinite: bool) -> Iterator[ExampleBatch]:
-        self._worker = (worker, num_workers)  # every worker meets every bad row: one counts it
+        self._found, self._bad_seen = [], set()
         for j, layout in enumerate(self._compose(rank, world, infinite)):
+            found = self._found  # bad rows met while laying out batch j: every worker meets them
+            self._found = []
             if j >= first and (j - first) % num_workers == worker:
-                yield ExampleBatch(self._load(j, layout, rank, world), self._take_pending())
+                examples = self._load(j, layout, rank, world)
+                found, self._found = found + self._found, []
+                yield ExampleBatch(examples, self._report(found))
 
     def _compose(self, rank: int, world: int, infinite: bool) -> Iterator[list[tuple[str, int, dict]]]:
         """The rows of each batch of this rank, ``[(subset, row index, prepared example)]``.
@@ -310,9 +318,11 @@ class TrainStream(IterableDataset):
             raise DataError(f"no usable training rows on rank {rank} of {world} in {self.path!r} "
                             f"(bad rows: {self.bad_rows})")
 
-    def _rank_rows(self, subset: str, pass_index, rank: int, world: int) -> Iterator[tuple[int, dict]]:
+    def _rank_rows(self, subset: str, pass_index, rank: int, world: int,
+                   report: bool = True) -> Iterator[tuple[int, dict]]:
         """This rank's usable rows of `subset` (global row index ``i % world == rank``, before the
-        cap) through a seeded shuffle buffer, as `_prepare`d examples; bad rows are reported."""
+        cap) through a seeded shuffle buffer, as `_prepare`d examples; bad rows are reported
+        (`report`), or passed over in silence."""
         cap = self.caps.get(subset)
 
         def own_rows():
@@ -328,7 +338,8 @@ class TrainStream(IterableDataset):
             try:
                 prepared = self._prepare(subset, i, row)
             except _BadRow as bad:
-                self._bad_row(subset, i, bad)
+                if report:
+                    self._bad_row(subset, i, bad)
                 continue
             yield i, prepared
 
@@ -340,7 +351,7 @@ class TrainStream(IterableDataset):
             try:
                 out.append(self._with_images(prepared))
             except _BadRow as bad:
-                self._bad_row(subset, i, bad, met_here=True)  # raises under on_bad_row="raise"
+                self._bad_row(subset, i, bad, loading=True)  # raises under on_bad_row="raise"
                 exclude = {k for s, k, _ in layout if s == subset}
                 k, example = self._spare(subset, j, exclude, rank, world)
                 log.warning("batch %d: row %s:%d replaced by row %s:%d (its image does not decode)", j, subset, i,
@@ -350,8 +361,9 @@ class TrainStream(IterableDataset):
 
     def _spare(self, subset: str, j: int, exclude: set, rank: int, world: int) -> tuple[int, dict]:
         """A row of `subset` on this rank, not in `exclude`, whose images decode: the first of a
-        shuffle seeded by batch j (a function of the batch alone, so resume sees the same)."""
-        for k, prepared in self._rank_rows(subset, f"spare|{j}", rank, world):
+        shuffle seeded by batch j (a function of the batch alone, so resume sees the same). Bad
+        rows met on the way are the layout's to report, when it meets them."""
+        for k, prepared in self._rank_rows(subset, f"spare|{j}", rank, world, report=False):
             if k in exclude:
                 continue
             try:
@@ -447,31 +459,32 @@ class TrainStream(IterableDataset):
             raise _BadRow("unreadable image", f"{type(e).__name__}: {e}", path) from e
 
     # ------------------------------------------------------------------ bad rows
-    def _bad_row(self, subset: str, i: int, bad: _BadRow, met_here: bool = False) -> None:
-        """Raise (``on_bad_row="raise"``) or count and log a bad row. Every worker of a rank lays
-        out every batch, so a row found bad there is counted by one worker (``i % num_workers``);
-        an image that does not decode is found only by the worker that loads it (`met_here`)."""
+    def _bad_row(self, subset: str, i: int, bad: _BadRow, loading: bool = False) -> None:
+        """Raise (``on_bad_row="raise"``) or note a bad row for the batch being laid out or loaded.
+        A row found while laying out batches is noted the first time (later passes meet it
+        again); an image that does not decode each time its batch is loaded, so that what a batch
+        reports depends on the batch alone (the datamodule counts each row once)."""
         file = bad.file or row_file(self.path, subset, self.split, i)
         msg = f"bad row: subset {subset!r} row {i}: {bad.reason}: {bad.detail} (file: {file})"
         if self.on_bad_row == "raise":
             raise DataError(msg + ". Fix or remove the row, or set on_bad_row='skip' to skip and count bad rows.")
-        worker, num_workers = self._worker
-        if not met_here and i % num_workers != worker:
-            return
-        if (subset, i) in self._bad_seen:  # a later pass over the same row: counted once
-            return
-        self._bad_seen.add((subset, i))
-        counts = self.bad_rows.setdefault(subset, Counter())
-        counts[bad.reason] += 1
-        self._pending_bad.setdefault(subset, Counter())[bad.reason] += 1
-        n = counts[bad.reason]
-        if n <= 3 or n & (n - 1) == 0:  # the first few, then at powers of two
-            log.warning("%s [skipped; %d '%s' rows so far in %s]", msg, n, bad.reason, subset)
+        if loading or (subset, i) not in self._bad_seen:
+            self._bad_seen.add((subset, i))
+            self._found.append((subset, i, bad.reason, msg))
 
-    def _take_pending(self) -> dict:
-        out = {s: dict(c) for s, c in self._pending_bad.items() if c}
-        self._pending_bad = {}
-        return out
+    def _report(self, found: list) -> list[tuple[str, int, str]]:
+        """Count and log the bad rows reported with a batch (each row once); returns them as
+        ``(subset, i, reason)``."""
+        for subset, i, reason, msg in found:
+            if (subset, i) in self._reported:
+                continue
+            self._reported.add((subset, i))
+            counts = self.bad_rows.setdefault(subset, Counter())
+            counts[reason] += 1
+            n = counts[reason]
+            if n <= 3 or n & (n - 1) == 0:  # the first few, then at powers of two
+                log.warning("%s [skipped; %d '%s' rows so far in %s]", msg, n, reason, subset)
+        return [(subset, i, reason) for subset, i, reason, _ in found]
 
 
 class _RowSequence:
