@@ -119,6 +119,29 @@ def test_positive_slot_is_uniform():
     assert 0.45 < frac < 0.55  # 1200 draws: 5 sigma ~ 0.07
 
 
+@pytest.mark.parametrize("hard_negative", [True, False])
+def test_labels_say_yes_exactly_where_the_slot_holds_the_positive(hard_negative):
+    """Each view's label is "Yes" iff its document slot holds the positive, as raw content and as
+    feature alike (a label/slot mismatch would make the matching loss unlearnable, silently)."""
+    model, batch, feats, mi = _setup("qwen2vl")
+    q, p, n = (model.contents(batch[s]) for s in ("qry", "pos", "neg"))
+    B, d = len(q), model.backbone.hidden_size
+    ep, en = torch.randn(B, d), torch.randn(B, d)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        q_raw, d1, d2, zq, zd1, zd2, labels = model.matching_inputs(
+            q, p, n if hard_negative else None, torch.randn(B, d), ep, en if hard_negative else None, None, None, None)
+        zp = model.matching.projector(ep)
+    slots = {1: (d1, zd1), 2: (d2, zd2)}
+    assert {bool(labels[b, 0] == model.matching.yes_id) for b in range(B)} == {True, False}  # both slots drawn
+    for b in range(B):
+        for v, view in enumerate(model.matching.views):
+            raw, z = slots[view.slot]
+            holds_positive = raw[b].ids == p[b].ids and raw[b].image == p[b].image
+            assert torch.equal(z[b], zp[b]) == holds_positive  # the feature goes with its raw content
+            assert (labels[b, v] == model.matching.yes_id) == holds_positive, (b, view.name)
+
+
 @pytest.mark.parametrize("term", ["loss_cl", "loss_orth", "loss_qdm"])
 def test_each_loss_term_reaches_lora_tokens_projector(term):
     torch.manual_seed(0)
