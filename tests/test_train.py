@@ -167,3 +167,17 @@ def test_gradcache_training_equals_unchunked(tmp_path, ddp):
     assert sorted(plain) == sorted(gc) == [0, 1, 2]
     for step in plain:
         assert gc[step] == pytest.approx(plain[step], abs=1e-5), (step, plain, gc)
+
+
+def test_summary_says_when_no_validation_ran_and_counts_bad_rows(capsys):
+    from rematch_pl.train import print_summary
+
+    s = {"run_name": "r", "steps": 3, "val": {}, "last_loss": {"loss": 1.0}, "wall_time_s": 2.0, "train_time_s": 1.0,
+         "samples_per_s": 4.0, "peak_memory_gb": 0.5, "run_dir": "/tmp/r",
+         "bad_rows": {"A": {"missing image": 2}, "B": {"empty query": 1}}}
+    print_summary(s)
+    out = capsys.readouterr().out
+    assert "nan" not in out and "none (no validation ran" in out and "bad rows       3 left out" in out
+    print_summary(dict(s, val={"val/hit@1": 0.5, "val/chance@1": 0.1, "val/hit@5": 0.9, "val/mrr": 0.7}, bad_rows={}))
+    out = capsys.readouterr().out
+    assert "val Hit@1      0.5000   (chance 0.1000)" in out and "bad rows" not in out

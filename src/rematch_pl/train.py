@@ -121,15 +121,19 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "rematch", group: str | 
 
 def print_summary(s: dict) -> None:
     v = s["val"]
+    val = [f"val Hit@1      {v['val/hit@1']:.4f}   (chance {v.get('val/chance@1', float('nan')):.4f})",
+           f"val Hit@5/MRR  {v.get('val/hit@5', float('nan')):.4f} / {v.get('val/mrr', float('nan')):.4f}"] \
+        if "val/hit@1" in v else ["val            none (no validation ran: data.eval.path or trainer.limit_val_batches)"]
+    bad = sum(n for counts in s.get("bad_rows", {}).values() for n in counts.values())
     lines = [
         "",
         f"== rematch_pl summary: {s['run_name']} ({s['steps']} steps) ==",
-        f"val Hit@1      {v.get('val/hit@1', float('nan')):.4f}   (chance {v.get('val/chance@1', float('nan')):.4f})",
-        f"val Hit@5/MRR  {v.get('val/hit@5', float('nan')):.4f} / {v.get('val/mrr', float('nan')):.4f}",
+        *val,
         "last losses    " + ", ".join(f"{k}={x:.4f}" for k, x in s["last_loss"].items() if k.startswith("loss")),
         f"wall time      {s['wall_time_s']:.1f} s (training {s['train_time_s']:.1f} s)",
         f"throughput     {s['samples_per_s']:.1f} samples/s",
         f"peak memory    {s['peak_memory_gb']:.2f} GiB",
+        *([f"bad rows       {bad} left out (per subset and reason in summary.json)"] if bad else []),
         f"run dir        {s['run_dir']}",
     ]
     print("\n".join(lines), flush=True)
