@@ -64,3 +64,32 @@ def test_two_process_loss_and_grads_equal_single_process(tmp_path, n_neg, masked
     torch.testing.assert_close(torch.cat([r["gp"] for r in res]), sp.grad, atol=1e-6, rtol=1e-5)
     if n_neg:
         torch.testing.assert_close(torch.cat([r["gn"] for r in res]), sn.grad, atol=1e-6, rtol=1e-5)
+
+
+def _bad_rows_worker(rank, world, out_dir):
+    from types import SimpleNamespace
+
+    from rematch_pl.data.datamodule import MMEBDataModule
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous_bad", rank=rank, world_size=world)
+    try:
+        # rank r holds rows i % 2 == r of each subset
+        seen = {0: {("A", 0): "missing image", ("A", 2): "missing image", ("B", 4): "empty query"},
+                1: {("A", 1): "unreadable image", ("B", 5): "empty query"}}[rank]
+        got = MMEBDataModule.all_bad_rows(SimpleNamespace(_bad_seen=seen))
+        torch.save(got, f"{out_dir}/bad{rank}.tmp")
+        os.replace(f"{out_dir}/bad{rank}.tmp", f"{out_dir}/bad{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_row_counts_sum_all_ranks(tmp_path):
+    """summary.json's bad rows are every rank's, not rank 0's alone."""
+    try:
+        mp.spawn(_bad_rows_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:  # see above: an abort after the barrier
+        if e.signal_name != "SIGABRT" or not all((tmp_path / f"bad{r}.pt").exists() for r in range(2)):
+            raise
+    want = {"A": {"missing image": 2, "unreadable image": 1}, "B": {"empty query": 2}}
+    assert [torch.load(tmp_path / f"bad{r}.pt", weights_only=True) for r in range(2)] == [want, want]
