@@ -43,3 +43,52 @@ def test_table_has_a_row_per_part_and_the_trainable_share():
 def test_record_has_flat_names_and_totals():
     rec = parameter_record({"backbone": (100, 0), "LoRA adapters": (10, 10), "<feat_start>/<feat_end> markers": (2, 2)})
     assert rec == {"backbone": 100, "lora": 10, "markers": 2, "total": 112, "trainable": 12}
+
+
+def test_progress_bar_total_is_the_runs_batches_also_after_a_resume(tmp_path):
+    """Over an endless stream the bar counts the run's batches; Lightning's own total is the
+    steps left, so a resumed run showed '8/3'."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from rematch_pl.console import step_progress_bar
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            while True:
+                yield torch.randn(2)
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.w(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    totals = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            bar = next(c for c in trainer.callbacks if c is not self and hasattr(c, "total_train_batches"))
+            totals.append(bar.total_train_batches)
+
+    def fit(max_steps, accumulate=1, ckpt=None):
+        bar = step_progress_bar()
+        if bar is None:
+            pytest.skip("rich is not installed")
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            callbacks=[bar, Record()], default_root_dir=tmp_path, enable_model_summary=False,
+                            accumulate_grad_batches=accumulate)
+        trainer.fit(Tiny(), DataLoader(Endless(), batch_size=4), ckpt_path=ckpt)
+        return trainer
+
+    first = fit(3)
+    first.save_checkpoint(tmp_path / "step3.ckpt")
+    fit(8, ckpt=str(tmp_path / "step3.ckpt"))
+    fit(2, accumulate=3)
+    assert totals == [3, 8, 6]

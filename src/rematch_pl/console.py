@@ -102,6 +102,16 @@ def step_progress_bar():
             # Lightning's label is "Epoch {e}/{max_epochs - 1}": "Epoch 0/-2" under max_steps
             return f"{'train':{len(self.validation_description)}}"
 
+        @property
+        def total_train_batches(self):
+            # Lightning's total is the steps *left* (max_steps - global_step) while the bar counts
+            # the epoch's batch index, which a resumed run continues: "8/3" after resuming at step 5.
+            # Training is one endless epoch here, so the total is every batch of the run.
+            t = self.trainer
+            if t.max_steps is not None and t.max_steps > 0 and t.num_training_batches == float("inf"):
+                return t.max_steps * t.accumulate_grad_batches
+            return super().total_train_batches
+
         def get_metrics(self, trainer, pl_module):
             items = super().get_metrics(trainer, pl_module)
             items.pop("v_num", None)  # the logger's version (W&B run id): the run dir says it

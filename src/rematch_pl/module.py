@@ -179,7 +179,7 @@ class ReMatchModule(L.LightningModule):
             terms = self.model(batch, gather=self._gather if distributed else None, rank=self.global_rank)
         B = batch["qry"]["ids"].shape[0]
         for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "loss_cl", "loss_qdm"),
+            self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "loss_cl", "loss_orth", "loss_qdm"),
                      batch_size=B, sync_dist=False)
         self.last_terms = {k: v.detach() for k, v in terms.items()}  # read on the host at the end of the run
         counts = self.model.reset_counts()  # tokens of every pass of this step (embedding + matching)
