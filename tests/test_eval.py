@@ -250,6 +250,8 @@ def test_bad_settings_fail_early(run_dir, tmp_path):
 
     with pytest.raises(EvalConfigError, match="eval.subsets: unknown name"):
         run(eval_cfg(f"ckpt={run_dir}", "eval.subsets=[NoSuchSubset]"), tmp_path)
+    with pytest.raises(EvalConfigError, match=r"\['Flickr-30K'\]: zero-shot sets, .* add eval=all"):
+        run(eval_cfg(f"ckpt={run_dir}", "eval.subsets=[Syn_CLS,Flickr-30K]"), tmp_path)  # eval=mmeb
     with pytest.raises(EvalConfigError, match="eval.scoring"):
         run(eval_cfg(f"ckpt={run_dir}", "eval.scoring=annoy"), tmp_path)
     with pytest.raises(EvalConfigError, match="eval.compile"):

@@ -151,8 +151,11 @@ def _check_subset_names(cfg: DictConfig, mmeb_available: list[str]) -> None:
     known = {norm(s) for s in list(mmeb_available) + zs}
     unknown = [w for w in cfg.eval.subsets if norm(w) not in known]
     if unknown:
+        off = [w for w in unknown if norm(w) in {norm(s) for s in SETS}] if not zs else []
+        hint = (f" ({off}: zero-shot sets, which eval.suites={list(cfg.eval.suites)} does not run: add eval=all)"
+                if off else "")
         raise EvalConfigError(f"eval.subsets: unknown name(s) {list(unknown)}; MMEB subsets here: {mmeb_available}; "
-                              f"zero-shot sets: {zs}")
+                              f"zero-shot sets: {zs}{hint}")
 
 
 def _write_json(path: Path, obj) -> None:
