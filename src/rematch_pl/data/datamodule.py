@@ -133,8 +133,7 @@ class MMEBDataModule(pl.LightningDataModule):
         self.eval_sets: dict[str, EvalSet] = {}
         self.eval_layout: dict[str, dict] = {}
         self.eval_items: list[tuple[str, str | None]] = []
-        self.bad_rows: dict[str, Counter] = {}  # {subset: {reason: rows}}, each row once
-        self._bad_seen: dict[tuple[str, int], str] = {}  # (subset, row index) -> reason
+        self._bad_seen: dict[tuple[str, int], str] = {}  # (subset, row index) -> reason: rows left out
         if self.synthetic is None:
             self._check_image_roots()
 
@@ -260,7 +259,7 @@ class MMEBDataModule(pl.LightningDataModule):
         bad-row counts go on from the checkpoint's (the skipped batches report none)."""
         self._resume_skip = int(state.get("train_batches_consumed", 0))
         self._resume_layout = state.get("stream_layout")
-        self.bad_rows, self._bad_seen = {}, {}
+        self._bad_seen = {}
         self._count_bad_rows(state.get("bad_rows", []))
 
     def _check_resume_layout(self) -> None:
@@ -325,9 +324,12 @@ class MMEBDataModule(pl.LightningDataModule):
         """Count each ``(subset, row index, reason)`` once: a row can be reported again by another
         worker (an image that does not decode is met only by the worker loading it) or pass."""
         for subset, i, reason in rows:
-            if (subset, int(i)) not in self._bad_seen:
-                self._bad_seen[(subset, int(i))] = reason
-                self.bad_rows.setdefault(subset, Counter())[reason] += 1
+            self._bad_seen.setdefault((subset, int(i)), reason)
+
+    @property
+    def bad_rows(self) -> dict[str, Counter]:
+        """``{subset: {reason: rows}}`` left out so far on this rank, each row once."""
+        return _by_subset(self._bad_seen)
 
     @property
     def bad_row_count(self) -> int:
@@ -342,7 +344,12 @@ class MMEBDataModule(pl.LightningDataModule):
             parts = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, seen)
             seen = {k: v for part in parts for k, v in part.items()}
-        out: dict[str, Counter] = {}
-        for (subset, _), reason in sorted(seen.items()):
-            out.setdefault(subset, Counter())[reason] += 1
-        return {s: dict(c) for s, c in out.items()}
+        return {s: dict(c) for s, c in _by_subset(seen).items()}
+
+
+def _by_subset(seen: dict[tuple[str, int], str]) -> dict[str, Counter]:
+    """{(subset, row): reason} -> {subset: {reason: rows}}."""
+    out: dict[str, Counter] = {}
+    for (subset, _), reason in sorted(seen.items()):
+        out.setdefault(subset, Counter())[reason] += 1
+    return out
